@@ -1,0 +1,126 @@
+"""create_app(settings, engine=None): the FastAPI app of one worker.
+
+The port is bound before the model loads (the lifespan starts loading in the background), so /health can
+answer "loading" and a balancer or the start script can watch progress.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api import __version__, jobs, openai_routes, routes
+from api.errors import ApiError, InvalidRequest, NotFound
+from api.runtime import Runtime
+from api.settings import Settings
+from models.flux import EngineConfig, FluxEngine
+
+log = logging.getLogger(__name__)
+SWEEP_INTERVAL_S = 30.0
+
+
+def build_engine(settings: Settings) -> FluxEngine:
+    return FluxEngine(EngineConfig(
+        model=settings.model, precision=settings.precision, device=settings.device, compile=settings.compile,
+        prompt_cache_size=settings.prompt_cache_size, warmup_sizes=settings.warmup_size_list,
+        warmup_steps=settings.warmup_steps, fp4_quant_type=settings.fp4_quant_type,
+        compile_cache_dir=settings.compile_cache_dir,
+    ))
+
+
+def _queue_factory(precision: str):
+    """The per-precision knobs module the guide points users to (api/fp4_routes.py, api/bf16_routes.py)."""
+    return importlib.import_module(f"api.{precision}_routes").make_queue_manager
+
+
+async def _sweep(rt: Runtime) -> None:
+    """Expire finished jobs (with their images), old images and idempotency keys."""
+    while True:
+        await asyncio.sleep(min(SWEEP_INTERVAL_S, rt.settings.job_ttl_s / 2))
+        try:
+            for job in rt.queue.forget_finished(rt.settings.job_ttl_s):
+                if job.detached and job.image_name:
+                    rt.store.delete(job.image_name)
+            rt.idempotency.sweep()
+            if rt.settings.image_ttl_s > 0:
+                await asyncio.to_thread(rt.store.sweep, rt.settings.image_ttl_s)
+        except Exception:
+            log.exception("retention sweep failed")
+
+
+def create_app(settings: Settings, engine=None) -> FastAPI:
+    rt = Runtime(settings, engine if engine is not None else build_engine(settings))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        rt.store.ensure()
+        rt.queue = _queue_factory(settings.precision)(
+            settings, rt.engine, rt.store, batch_wait_ms=settings.batch_wait_ms, job_prefix=settings.job_prefix,
+            max_consecutive_failures=settings.max_consecutive_failures, observer=rt.metrics.observe)
+        rt.queue.start()
+        loader = asyncio.create_task(rt.load(), name="model-load")
+        sweeper = asyncio.create_task(_sweep(rt), name="retention")
+        try:
+            yield
+        finally:
+            rt.set_state("draining")
+            await rt.queue.drain(settings.drain_timeout_s)
+            for task in (loader, sweeper):
+                task.cancel()
+            await rt.queue.stop()
+
+    app = FastAPI(title="FLUX image generation API", version=__version__, lifespan=lifespan,
+                  docs_url="/docs", redoc_url=None)
+    app.state.runtime = rt
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return JSONResponse(exc.body(getattr(request.state, "request_id", None)), status_code=exc.status,
+                            headers=exc.headers())
+
+    @app.exception_handler(RequestValidationError)
+    async def request_validation(request: Request, exc: RequestValidationError):
+        first = (exc.errors() or [{}])[0]
+        field = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "path", "query")) or None
+        err = InvalidRequest(f"{field}: {first.get('msg', 'invalid')}" if field else "invalid request", field=field)
+        return await api_error(request, err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            err: ApiError = NotFound("no such route")
+        else:
+            err = ApiError(str(exc.detail))
+            err.status, err.code = exc.status_code, "method_not_allowed" if exc.status_code == 405 else "http_error"
+        return await api_error(request, err)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return await api_error(request, ApiError("internal error; see the worker log for this request id"))
+
+    app.include_router(routes.router)
+    app.include_router(jobs.router)
+    app.include_router(openai_routes.router)
+
+    @app.get("/metrics")
+    async def metrics():
+        snapshot = rt.queue.snapshot() if rt.queue else {}
+        body = rt.metrics.render(snapshot, rt.gpu_memory(), rt.state == "ready")
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    from api.middleware import RequestContext
+
+    app.add_middleware(RequestContext, runtime_getter=lambda: rt)
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    if origins:
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["*"])
+    return app

@@ -1,0 +1,95 @@
+"""Named errors and their one mapping to HTTP: `{"error": {"code", "message", "field"}}`.
+
+Handlers raise these; app.py turns them into responses. Anything else becomes a 500 with a request id and
+no detail: tracebacks go to the log, never to a client.
+"""
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    status = 500
+    code = "internal_error"
+    retryable = False
+
+    def __init__(self, message: str, field: str | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.retry_after = retry_after
+
+    def body(self, request_id: str | None = None) -> dict:
+        error = {"code": self.code, "message": self.message, "field": self.field, "retryable": self.retryable,
+                 # the same facts under the names OpenAI's clients read
+                 "type": self.code, "param": self.field}
+        if request_id:
+            error["request_id"] = request_id
+        return {"error": error}
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, int(round(self.retry_after))))}
+
+
+class InvalidRequest(ApiError):
+    status, code = 422, "invalid_request"
+
+
+class InvalidJson(ApiError):
+    status, code = 400, "invalid_json"
+
+
+class UnsupportedMediaType(ApiError):
+    status, code = 415, "unsupported_media_type"
+
+
+class PayloadTooLarge(ApiError):
+    status, code = 413, "payload_too_large"
+
+
+class Unauthorized(ApiError):
+    status, code = 401, "unauthorized"
+
+
+class NotFound(ApiError):
+    status, code = 404, "not_found"
+
+
+class Conflict(ApiError):
+    status, code = 409, "conflict"
+
+
+class QueueFull(ApiError):
+    status, code, retryable = 503, "queue_full", True
+
+
+class NotReady(ApiError):
+    status, code, retryable = 503, "not_ready", True
+
+
+class Draining(ApiError):
+    status, code, retryable = 503, "draining", True
+
+
+class OutOfMemory(ApiError):
+    status, code, retryable = 503, "out_of_memory", True
+
+
+class StorageFull(ApiError):
+    status, code, retryable = 507, "storage_full", True
+
+
+class StorageError(ApiError):
+    status, code, retryable = 503, "storage_error", True
+
+
+class Timeout(ApiError):
+    status, code, retryable = 504, "timeout", True
+
+
+class Cancelled(ApiError):
+    status, code = 409, "cancelled"
+
+
+class GenerationFailed(ApiError):
+    status, code = 500, "generation_failed"

@@ -1,0 +1,161 @@
+"""Request plumbing shared by the routers: body parsing, validation errors, URLs, waiting on a job."""
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+
+from api.errors import (ApiError, Conflict, Draining, InvalidJson, InvalidRequest, NotReady, PayloadTooLarge,
+                        Timeout, UnsupportedMediaType)
+from api.queue import Job, JobStatus
+from api.schemas import MAX_SEED, GenerateRequest
+from models.flux import ImageSpec
+
+JSON_TYPES = ("application/json",)
+
+
+async def read_json_object(request: Request, max_bytes: int) -> dict:
+    """The body as a JSON object, or a named 4xx: wrong content type, too large, not JSON, not an object."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype not in JSON_TYPES and not ctype.endswith("+json"):
+        raise UnsupportedMediaType("send the body as JSON with Content-Type: application/json",
+                                   field="content-type")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(f"the body must be at most {max_bytes} bytes", field="body")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"the body must be at most {max_bytes} bytes", field="body")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidJson(f"the body is not valid JSON: {exc}", field="body") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("the body must be a JSON object", field="body")
+    return data
+
+
+def validation_error(exc: ValidationError) -> InvalidRequest:
+    first = exc.errors(include_url=False)[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    field = ".".join(loc) or None
+    msg = first.get("msg", "invalid value").removeprefix("Value error, ")
+    if first.get("type") == "extra_forbidden":
+        msg = "unknown field"
+    elif first.get("type") == "missing":
+        msg = "field required"
+    return InvalidRequest(f"{field}: {msg}" if field else msg, field=field)
+
+
+def parse_model(model: type[BaseModel], data: dict) -> BaseModel:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def parse_generate(data: dict, max_prompt_chars: int) -> GenerateRequest:
+    req = parse_model(GenerateRequest, data)
+    if len(req.prompt) > max_prompt_chars:
+        raise InvalidRequest(f"prompt: at most {max_prompt_chars} characters", field="prompt")
+    return req
+
+
+def make_spec(req: GenerateRequest, info) -> ImageSpec:
+    seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1)
+    return ImageSpec(
+        prompt=req.prompt, seed=seed, width=req.width, height=req.height,
+        steps=req.num_inference_steps or info.default_steps,
+        guidance=req.guidance_scale if req.guidance_scale is not None else info.default_guidance,
+    )
+
+
+def base_url(request: Request, trusted: frozenset[str], public_url: str | None) -> str:
+    """Where clients reach us: X-Forwarded-Host/Proto from a trusted proxy, else the Host we were called on."""
+    if public_url:
+        return public_url.rstrip("/")
+    peer = request.client.host if request.client else ""
+    fwd_host = request.headers.get("x-forwarded-host")
+    if fwd_host and peer in trusted:
+        proto = request.headers.get("x-forwarded-proto", "http").split(",")[0].strip() or "http"
+        return f"{proto}://{fwd_host.split(',')[0].strip()}"
+    return str(request.base_url).rstrip("/")
+
+
+def ensure_accepting(state: str) -> None:
+    if state == "draining":
+        raise Draining("the server is shutting down; retry on another worker", retry_after=1)
+    if state != "ready" and state != "degraded":
+        raise NotReady(f"the model is not ready ({state})", retry_after=5)
+
+
+class IdempotencyStore:
+    """Idempotency-Key → job id, so a retried POST returns the first attempt's job instead of a second image."""
+
+    def __init__(self, ttl_s: float):
+        self.ttl_s = ttl_s
+        self._entries: dict[str, tuple[str, str, float]] = {}  # key -> (fingerprint, job id, expiry)
+
+    @staticmethod
+    def fingerprint(route: str, data: dict) -> str:
+        return route + json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+    def lookup(self, key: str, fingerprint: str) -> str | None:
+        entry = self._entries.get(key)
+        if entry is None or entry[2] < time.monotonic():
+            return None
+        if entry[0] != fingerprint:
+            raise Conflict("this Idempotency-Key was used with a different request", field="Idempotency-Key")
+        return entry[1]
+
+    def remember(self, key: str, fingerprint: str, job_id: str) -> None:
+        self._entries[key] = (fingerprint, job_id, time.monotonic() + self.ttl_s)
+
+    def sweep(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, v in self._entries.items() if v[2] < now]:
+            del self._entries[key]
+
+
+def idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    key = key.strip()
+    if not key or len(key) > 200:
+        raise InvalidRequest("Idempotency-Key must be 1 to 200 characters", field="Idempotency-Key")
+    principal = getattr(request.state, "api_key_id", "")
+    return f"{principal}:{key}"
+
+
+async def wait_for_job(request: Request, queue, job: Job) -> Job:
+    """Wait for a job while watching the client: a client that hangs up has its job dropped or interrupted,
+    and a job past its deadline is timed out (504) with the GPU freed at the next step."""
+    while not job.done.is_set():
+        try:
+            await asyncio.wait_for(job.done.wait(), 0.25)
+        except asyncio.TimeoutError:
+            pass
+        if job.done.is_set():
+            break
+        if await request.is_disconnected():
+            queue.cancel(job, "disconnect")
+            break
+        if time.monotonic() > job.deadline and job.status == JobStatus.queued:
+            queue.cancel(job, "timeout")
+    await job.done.wait()
+    return job
+
+
+def job_error(job: Job) -> ApiError:
+    if job.error is not None:
+        return job.error
+    return Timeout("the request did not finish")

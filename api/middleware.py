@@ -1,0 +1,108 @@
+"""Pure ASGI middleware (no BaseHTTPMiddleware: it would hide client disconnects from the handlers).
+
+RequestContext: request id (X-Request-ID from the proxy, or a new one), the API-key check, one access-log
+line per request (id, status, queue ms, generate ms) and the request counter.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+
+from api.errors import Unauthorized
+
+access_log = logging.getLogger("flux.access")
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+OPEN_PATHS = ("/health", "/live", "/metrics", "/images/", "/queue-stats")
+
+
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _route_label(path: str) -> str:
+    """A bounded label for metrics: ids and names are folded."""
+    if path.startswith("/images/"):
+        return "/images"
+    if path.startswith("/jobs/"):
+        return "/jobs/{id}/events" if path.endswith("/events") else "/jobs/{id}"
+    known = ("/", "/generate", "/jobs", "/health", "/live", "/queue-stats", "/metrics", "/v1/images/generations",
+             "/generate/fast", "/generate/quality")
+    return path if path in known else "other"
+
+
+class RequestContext:
+    def __init__(self, app, runtime_getter):
+        self.app = app
+        self.runtime_getter = runtime_getter
+
+    def _authorized(self, scope, keys: frozenset[str]) -> tuple[bool, str]:
+        token = None
+        auth = _header(scope, b"authorization")
+        if auth and auth[:7].lower() == "bearer ":
+            token = auth[7:].strip()
+        token = token or _header(scope, b"x-api-key")
+        if not token:
+            return False, ""
+        # compare against every key in constant time, without stopping at the first match
+        matched = ""
+        for key in keys:
+            if hmac.compare_digest(token.encode(), key.encode()):
+                matched = key
+        return bool(matched), (hashlib.sha256(matched.encode()).hexdigest()[:12] if matched else "")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rt = self.runtime_getter()
+        incoming = _header(scope, b"x-request-id")
+        request_id = incoming if incoming and REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        started = time.perf_counter()
+        status_holder = {"status": 500}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode()))
+                message = dict(message, headers=headers)
+            await send(message)
+
+        path = scope.get("path", "")
+        keys = rt.api_keys if rt is not None else frozenset()
+        if keys and not path.startswith(OPEN_PATHS) and path != "/":
+            ok, principal = self._authorized(scope, keys)
+            if not ok:
+                err = Unauthorized("a valid API key is required (Authorization: Bearer <key> or X-API-Key)")
+                body = json.dumps(err.body(request_id)).encode()
+                await send_wrapper({"type": "http.response.start", "status": 401, "headers": [
+                    (b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
+                await send_wrapper({"type": "http.response.body", "body": body})
+                self._log(scope, request_id, 401, started, state, rt)
+                return
+            state["api_key_id"] = principal
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self._log(scope, request_id, status_holder["status"], started, state, rt)
+
+    @staticmethod
+    def _log(scope, request_id, status, started, state, rt) -> None:
+        path = scope.get("path", "")
+        if rt is not None:
+            rt.metrics.request(_route_label(path), status)
+        if path in ("/health", "/live", "/metrics", "/queue-stats"):
+            return  # probes every few seconds would drown the log
+        queue_ms, generate_ms = state.get("timing", (None, None))
+        access_log.info("request_id=%s method=%s path=%s status=%d total_ms=%.1f queue_ms=%s generate_ms=%s",
+                        request_id, scope.get("method"), path, status, (time.perf_counter() - started) * 1000,
+                        queue_ms, generate_ms)

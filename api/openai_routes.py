@@ -1,0 +1,86 @@
+"""OpenAI-compatible image generation: POST /v1/images/generations.
+
+Accepts the fields the official clients send (`prompt`, `model`, `n`, `size` "WxH", `response_format`
+url|b64_json, `quality`, `style`, `user`) plus the `seed` extension, and answers in OpenAI's shape, so
+`OpenAI(base_url="http://host/v1").images.generate(...)` works unchanged against a worker or the proxy.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from api.errors import InvalidRequest
+from api.http import ensure_accepting, make_spec, parse_generate, parse_model, read_json_object, wait_for_job
+from api.queue import JobStatus
+from api.routes import job_response
+from api.runtime import Runtime, get_runtime
+
+MAX_N = 4
+
+
+class OpenAIImageRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str
+    model: str | None = None
+    n: int = Field(1, ge=1, le=MAX_N, strict=True)
+    size: str | None = "1024x1024"
+    response_format: Literal["url", "b64_json"] | None = "url"
+    seed: int | None = Field(None, strict=True)
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = None
+
+    @field_validator("size")
+    @classmethod
+    def _size_shape(cls, value: str | None) -> str | None:
+        if value is None or value == "auto":
+            return None
+        w, sep, h = value.lower().partition("x")
+        if not sep or not w.isdigit() or not h.isdigit():
+            raise ValueError('must look like "1024x1024"')
+        return value
+
+
+router = APIRouter()
+
+
+@router.post("/v1/images/generations")
+async def images_generations(request: Request, rt: Runtime = Depends(get_runtime)):
+    data = await read_json_object(request, rt.settings.max_body_bytes)
+    oa = parse_model(OpenAIImageRequest, data)
+    width, height = (int(v) for v in (oa.size or "1024x1024").lower().split("x"))
+    native = {"prompt": oa.prompt, "width": width, "height": height}
+    if oa.seed is not None:
+        native["seed"] = oa.seed
+    try:
+        req = parse_generate(native, rt.settings.max_prompt_chars)
+    except InvalidRequest as exc:  # name the OpenAI field, not ours
+        field = "size" if exc.field in ("width", "height") else exc.field
+        raise InvalidRequest(exc.message.replace(f"{exc.field}:", f"{field}:", 1), field=field) from None
+    ensure_accepting(rt.state)
+    timeout = rt.settings.request_timeout_s
+    jobs = []
+    for i in range(oa.n):
+        spec = make_spec(req, rt.info)
+        if oa.seed is not None:
+            spec = type(spec)(**{**spec.__dict__, "seed": (oa.seed + i) % 2**32})
+        jobs.append(rt.queue.submit(spec, timeout_s=timeout, request_id=request.state.request_id))
+    await asyncio.gather(*(wait_for_job(request, rt.queue, job) for job in jobs))
+    failed = [job for job in jobs if job.status != JobStatus.succeeded]
+    if failed:
+        raise failed[0].error or InvalidRequest("generation failed")
+    out = []
+    for job in jobs:
+        if oa.response_format == "b64_json":
+            path = rt.store.path_for(job.image_name)
+            raw = await asyncio.to_thread(path.read_bytes)
+            out.append({"b64_json": base64.b64encode(raw).decode(), "revised_prompt": oa.prompt})
+        else:
+            out.append({"url": job_response(rt, request, job)["image_url"], "revised_prompt": oa.prompt})
+    return {"created": int(time.time()), "data": out}

@@ -1,0 +1,70 @@
+"""Request and response bodies with their bounds."""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 256, 2048, 16
+MAX_PIXELS = 2048 * 2048  # 4 megapixels
+MAX_SEED = 2**32 - 1
+MAX_STEPS = 100
+MAX_GUIDANCE = 30.0
+
+
+class GenerateRequest(BaseModel):
+    """POST /generate and POST /jobs. Strict types: "512" is not a width, true is not a seed."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    prompt: str
+    width: int = Field(1024, ge=MIN_SIDE, le=MAX_SIDE)
+    height: int = Field(1024, ge=MIN_SIDE, le=MAX_SIDE)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE)
+    timeout_s: float | None = Field(None, gt=0, le=3600, description="deadline for this request, queue included")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be empty")
+        if "\x00" in value:
+            raise ValueError("prompt must not contain NUL characters")
+        return value
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_16(cls, value: int) -> int:
+        if value % SIDE_MULTIPLE:
+            raise ValueError(f"must be a multiple of {SIDE_MULTIPLE}")
+        return value
+
+    @field_validator("guidance_scale", "timeout_s")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and value != value:
+            raise ValueError("must be a finite number")
+        return value
+
+    @model_validator(mode="after")
+    def _area(self) -> "GenerateRequest":
+        if self.width * self.height > MAX_PIXELS:
+            raise ValueError(f"width x height must be at most {MAX_PIXELS} pixels (4 megapixels)")
+        return self
+
+
+class GenerateResponse(BaseModel):
+    image_url: str
+    seed: int
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    model: str
+    synthetic: bool
+    precision: str
+    gpu: int | None
+    queue_ms: float
+    generate_ms: float | None
+    request_id: str
+    job_id: str

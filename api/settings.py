@@ -1,0 +1,104 @@
+"""Every knob of a worker, read once at start-up from the environment (prefix FLUX_).
+
+Nothing else in the service reads os.environ: the Settings object is built by the entry point and passed
+down. The port is the one exception to the prefix, as the user guide names it per precision:
+FP4_API_PORT / BF16_API_PORT / FP8_API_PORT (FLUX_PORT is accepted for any precision).
+"""
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Precision = Literal["bf16", "fp4", "fp8"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLUX_", extra="ignore")
+
+    # model and device
+    model: str = Field("black-forest-labs/FLUX.1-schnell", description="hub id, local folder, or dummy:tiny / "
+                       "dummy:flux.1-dev / dummy:flux.1-schnell")
+    precision: Precision = "bf16"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    gpu_index: int | None = Field(None, description="physical GPU number shown in responses; default: the first "
+                                  "entry of CUDA_VISIBLE_DEVICES")
+    compile: bool = Field(False, description="torch.compile the repeated transformer blocks (GPU only)")
+    compile_cache_dir: str | None = Field(None, description="persistent inductor cache, so restarts skip compiling")
+    warmup_sizes: str = Field("512x512", description="comma-separated WxH sizes rendered before /health is ready")
+    warmup_steps: int = 2
+    fp4_quant_type: Literal["fp4", "nf4"] = "fp4"
+    prompt_cache_size: int = Field(64, ge=0, description="prompt embeddings kept on the device (LRU)")
+
+    # network
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    worker_id: str | None = Field(None, description="prefix of job ids, so a proxy can route them; default: port")
+    trusted_proxies: str = Field("127.0.0.1,::1", description="peers whose X-Forwarded-* headers are honoured")
+    public_url: str | None = Field(None, description="base of image_url when set, e.g. https://api.example.com")
+    keepalive_timeout_s: int = Field(75, description="longer than the proxy's upstream keepalive_timeout")
+    cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty: CORS off")
+
+    # queue
+    max_concurrent: int = Field(2, ge=1, le=64, description="images generated together (one batched call)")
+    max_queue_size: int = Field(100, ge=0, description="requests waiting beyond the running ones")
+    batch_wait_ms: float = Field(0.0, ge=0, le=1000, description="how long a partial batch waits for partners")
+    request_timeout_s: float = Field(600.0, gt=0, description="default deadline of a request, queue included")
+    drain_timeout_s: float = Field(30.0, ge=0, description="how long SIGTERM waits for accepted work")
+    max_consecutive_failures: int = Field(3, ge=1, description="GPU failures in a row that flip /health to 503")
+
+    # storage and retention
+    output_dir: str = "outputs"
+    image_ttl_s: float = Field(86400.0, ge=0, description="age at which generated images are deleted; 0: never")
+    job_ttl_s: float = Field(3600.0, gt=0, description="how long finished jobs (and their images) are kept")
+
+    # request limits and security
+    max_body_bytes: int = Field(65536, ge=1024)
+    max_prompt_chars: int = Field(2000, ge=1)
+    api_keys: str = Field("", description="comma-separated API keys; empty: no authentication")
+    api_key_file: str | None = Field(None, description="file with one API key per line")
+
+    log_level: str = "info"
+
+    @field_validator("worker_id")
+    @classmethod
+    def _worker_id_chars(cls, value: str | None) -> str | None:
+        if value is not None and not value.replace("_", "").isalnum():
+            raise ValueError("FLUX_WORKER_ID may hold letters, digits and underscores only")
+        return value
+
+    @property
+    def job_prefix(self) -> str:
+        return self.worker_id or str(self.port)
+
+    @property
+    def warmup_size_list(self) -> list[tuple[int, int]]:
+        sizes = []
+        for item in filter(None, (s.strip() for s in self.warmup_sizes.split(","))):
+            w, _, h = item.lower().partition("x")
+            sizes.append((int(w), int(h or w)))
+        return sizes
+
+    def api_key_set(self) -> frozenset[str]:
+        keys = {k.strip() for k in self.api_keys.split(",") if k.strip()}
+        if self.api_key_file:
+            with open(self.api_key_file, encoding="utf-8") as fh:
+                keys |= {line.strip() for line in fh if line.strip() and not line.startswith("#")}
+        return frozenset(keys)
+
+
+def load_settings(precision: Precision, environ: dict[str, str] | None = None) -> Settings:
+    """Settings for one worker: FLUX_* from the environment, precision from the entry point, the port from
+    <PRECISION>_API_PORT (the guide's name) or FLUX_PORT."""
+    env = os.environ if environ is None else environ
+    overrides: dict = {"precision": precision}
+    port = env.get(f"{precision.upper()}_API_PORT") or env.get("FLUX_PORT")
+    if port:
+        overrides["port"] = int(port)
+    if env.get("FLUX_GPU_INDEX") is None:
+        first = env.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+        if first.isdigit():
+            overrides["gpu_index"] = int(first)
+    return Settings(**overrides)

@@ -1,0 +1,7 @@
+"""Worker entry point, precision fp8: `FP8_API_PORT=8000 python main_fp8.py` (see api/settings.py)."""
+import sys
+
+from api.server import run
+
+if __name__ == "__main__":
+    sys.exit(run("fp8"))

@@ -1,0 +1,251 @@
+"""FluxEngine: loads one FluxPipeline on one device and renders batches of compatible images.
+
+The engine is not thread-safe on purpose: diffusers pipelines keep per-call state (the scheduler's step
+index, `_interrupt`), so the QueueManager calls `generate` from exactly one thread.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from models import dummy, precision as prec
+
+log = logging.getLogger(__name__)
+
+
+class GenerationInterrupted(Exception):
+    """Raised from the step callback when every image of a batch was cancelled or timed out."""
+
+
+class EngineOutOfMemory(Exception):
+    """The device ran out of memory for this batch; memory was released and the engine still works."""
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    prompt: str
+    seed: int
+    width: int
+    height: int
+    steps: int
+    guidance: float
+
+    @property
+    def batch_key(self) -> tuple:
+        """Images with the same key can share one pipeline call."""
+        return (self.width, self.height, self.steps, self.guidance)
+
+
+@dataclass
+class EngineConfig:
+    model: str = "black-forest-labs/FLUX.1-schnell"
+    precision: str = "bf16"
+    device: str = "auto"
+    compile: bool = False
+    prompt_cache_size: int = 64
+    warmup_sizes: Sequence[tuple[int, int]] = ((512, 512),)
+    warmup_steps: int = 2
+    fp4_quant_type: str = "fp4"
+    compile_cache_dir: str | None = None
+
+
+@dataclass
+class EngineInfo:
+    model: str
+    synthetic: bool
+    precision: str
+    device: str
+    device_name: str
+    dtype: str
+    default_steps: int
+    default_guidance: float
+    max_sequence_length: int
+    compiled: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_device(preference: str) -> torch.device:
+    if preference == "cpu":
+        return torch.device("cpu")
+    if preference == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("FLUX_DEVICE=cuda but no CUDA device is visible (check CUDA_VISIBLE_DEVICES)")
+        return torch.device("cuda", 0)
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+class FluxEngine:
+    def __init__(self, config: EngineConfig):
+        if config.precision not in prec.PRECISIONS:
+            raise ValueError(f"precision must be one of {prec.PRECISIONS}, got {config.precision!r}")
+        self.config = config
+        self.pipe = None
+        self.info: EngineInfo | None = None
+        self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.prompt_cache_hits = 0
+        self.prompt_cache_misses = 0
+
+    # ---- loading -------------------------------------------------------------------------------
+    def load(self) -> EngineInfo:
+        cfg = self.config
+        device = resolve_device(cfg.device)
+        dtype = prec.compute_dtype(device)
+        notes: list[str] = []
+        if cfg.precision == "fp8":
+            ok, why = prec.fp8_supported(device)
+            if not ok:
+                raise RuntimeError(f"fp8 is not available here: {why}. Use bf16 or fp4 instead.")
+        quantize = prec.fp4_replacer(device, dtype, cfg.fp4_quant_type) if cfg.precision == "fp4" else None
+        started = time.perf_counter()
+        if dummy.is_dummy(cfg.model):
+            pipe, spec = dummy.build_dummy_pipeline(cfg.model, device, dtype, quantize=quantize)
+            default_steps, default_guidance, max_seq = spec.default_steps, spec.default_guidance, \
+                spec.max_sequence_length
+            synthetic = True
+        else:
+            pipe = self._load_pretrained(cfg.model, device, dtype, quantize)
+            guidance_embeds = bool(getattr(pipe.transformer.config, "guidance_embeds", True))
+            default_steps = 28 if guidance_embeds else 4
+            default_guidance = 3.5 if guidance_embeds else 0.0
+            max_seq = 512 if guidance_embeds else 256
+            synthetic = False
+        if cfg.precision == "fp8":
+            prec.apply_fp8(pipe.transformer)
+        if device.type == "cuda":
+            pipe.vae.to(memory_format=torch.channels_last)
+        pipe.set_progress_bar_config(disable=True)
+        compiled = False
+        if cfg.compile:
+            if device.type == "cuda":
+                self._enable_compile(pipe)
+                compiled = True
+            else:
+                notes.append("compile requested but ignored on CPU")
+        self.pipe = pipe
+        self.device = device
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        self.info = EngineInfo(
+            model=cfg.model, synthetic=synthetic, precision=cfg.precision, device=str(device), device_name=name,
+            dtype=str(dtype).replace("torch.", ""), default_steps=default_steps, default_guidance=default_guidance,
+            max_sequence_length=max_seq, compiled=compiled, notes=notes,
+        )
+        log.info("loaded %s (%s, %s) on %s in %.1f s", cfg.model, cfg.precision, self.info.dtype, name,
+                 time.perf_counter() - started)
+        return self.info
+
+    @staticmethod
+    def _load_pretrained(model: str, device: torch.device, dtype: torch.dtype, quantize):
+        """A hub id or a local diffusers folder; honours HF_HOME and HF_HUB_OFFLINE like any diffusers load."""
+        from diffusers import FluxPipeline
+
+        pipe = FluxPipeline.from_pretrained(model, torch_dtype=dtype, low_cpu_mem_usage=True)
+        if quantize is not None:
+            # Weights sit in host memory here; each Linear is quantized as it moves to the device.
+            for component in prec.FP4_COMPONENTS:
+                module = getattr(pipe, component)
+                dummy.swap_linears(module, lambda name, lin, c=component: quantize(c, name, lin))
+        for component in ("transformer", "text_encoder", "text_encoder_2", "vae"):
+            getattr(pipe, component).to(device).eval().requires_grad_(False)
+        return pipe
+
+    def _enable_compile(self, pipe) -> None:
+        if self.config.compile_cache_dir:
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", self.config.compile_cache_dir)
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fx_graph_cache = True
+        try:
+            inductor_config.autotune_local_cache = True
+        except AttributeError:
+            pass
+        pipe.transformer.compile_repeated_blocks(fullgraph=True)
+
+    def warmup(self) -> float:
+        """One small generation per configured size, so the first request pays no compile or allocator cost."""
+        started = time.perf_counter()
+        for width, height in self.config.warmup_sizes:
+            spec = ImageSpec(prompt="warm-up", seed=0, width=width, height=height,
+                             steps=max(1, self.config.warmup_steps), guidance=self.info.default_guidance)
+            self.generate([spec])
+        self._prompt_cache.clear()
+        return time.perf_counter() - started
+
+    # ---- generation ----------------------------------------------------------------------------
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """T5+CLIP embeddings, from a bounded LRU cache: repeated prompts skip both encoders."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        self.prompt_cache_hits += len(prompts) - len(missing)
+        self.prompt_cache_misses += len(missing)
+        fresh = {}
+        if missing:
+            embeds, pooled, _ = self.pipe.encode_prompt(
+                prompt=missing, prompt_2=None, device=self.device, num_images_per_prompt=1,
+                max_sequence_length=self.info.max_sequence_length)
+            fresh = {p: (embeds[i:i + 1], pooled[i:i + 1]) for i, p in enumerate(missing)}
+        rows = [self._prompt_cache.get(p) or fresh[p] for p in prompts]
+        if self.config.prompt_cache_size > 0:
+            for p, value in fresh.items():
+                self._prompt_cache[p] = value
+            for p in prompts:
+                self._prompt_cache.move_to_end(p)
+            while len(self._prompt_cache) > self.config.prompt_cache_size:
+                self._prompt_cache.popitem(last=False)
+        return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+
+    def generate(self, specs: list[ImageSpec], should_stop: Callable[[int, int], bool] | None = None):
+        """Render one batch of compatible images; `should_stop(step, total)` runs after each denoising step."""
+        if not specs:
+            return []
+        key = specs[0].batch_key
+        if any(s.batch_key != key for s in specs):
+            raise ValueError("a batch must share width, height, steps and guidance")
+        width, height, steps, guidance = key
+        generators = [torch.Generator("cpu").manual_seed(s.seed) for s in specs]
+
+        def on_step_end(pipe, step_index, timestep, callback_kwargs):
+            if should_stop is not None and should_stop(step_index + 1, steps):
+                raise GenerationInterrupted()
+            return callback_kwargs
+
+        try:
+            with torch.inference_mode():
+                embeds, pooled = self._encode([s.prompt for s in specs])
+                out = self.pipe(
+                    prompt_embeds=embeds, pooled_prompt_embeds=pooled, width=width, height=height,
+                    num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                    max_sequence_length=self.info.max_sequence_length, output_type="pil",
+                    callback_on_step_end=on_step_end,
+                )
+            return out.images
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                self.release_memory()
+                raise EngineOutOfMemory(str(exc).splitlines()[0][:200]) from None
+            raise
+
+    def release_memory(self) -> None:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def memory_stats(self) -> dict:
+        if self.pipe is None or self.device.type != "cuda":
+            return {}
+        return {
+            "allocated_mb": round(torch.cuda.memory_allocated(self.device) / 2**20, 1),
+            "reserved_mb": round(torch.cuda.memory_reserved(self.device) / 2**20, 1),
+            "peak_allocated_mb": round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1),
+        }
