@@ -1,0 +1,525 @@
+#!/usr/bin/env bash
+# Start, stop and inspect one FLUX worker per GPU behind an nginx load balancer.
+#
+# Usage: ./start_multi_gpu.sh [start|stop|status|restart] [-m MODE] [-c NGINX_CONF]
+#        ./start_multi_gpu.sh nginx-conf       print the nginx config for the current settings
+#        ./start_multi_gpu.sh worker N         run worker N in the foreground (systemd template unit)
+#        ./start_multi_gpu.sh nginx            run nginx in the foreground (systemd unit)
+#
+#   start (default)  start NUM_GPUS workers (GPU i on port BASE_PORT+i), wait for /health, start
+#                    nginx on NGINX_PORT, print a table and the URL; the services keep running
+#   stop             drain (workers finish accepted work, nginx finishes open requests), then stop;
+#                    safe to run when nothing runs
+#   status           table of workers and nginx; exit 0 all ready, 1 some not ready, 3 not running
+#   restart          stop, then start with the same -m/-c as last time unless given again
+#   -m MODE          fp4 (default) | bf16 | fp8 | mixed (first half of the GPUs fp4, the rest bf16)
+#                    | one precision per GPU: fp4,fp4,bf16,bf16
+#                    With more than one precision, /generate/fast goes to fp8 (or fp4) workers,
+#                    /generate/quality to bf16 workers and /generate to all of them.
+#   -c FILE          use this nginx config as given instead of rendering one
+#
+# Environment (every setting can also be edited at the top of this file):
+#   NUM_GPUS            workers to start (default: GPUs listed by nvidia-smi; 1 in CPU mode)
+#   BASE_PORT           port of worker 0; worker i gets BASE_PORT+i                  (default 8000)
+#   NGINX_PORT          port nginx listens on                                        (default 80)
+#   NGINX_ADDR          address nginx listens on                              (default: all addresses)
+#   FLUX_MODE           default for -m                                               (default fp4)
+#   FLUX_DEVICE         auto | cuda | cpu. cpu, or no nvidia-smi, starts the CPU demo
+#   FLUX_MODEL          model for every worker (CPU demo default: dummy:tiny)
+#   FLUX_PYTHON         interpreter for the workers (default: active venv, else .venv, created
+#                       with requirements.txt on first run)
+#   FLUX_HEALTH_TIMEOUT seconds to wait for every worker's /health                   (default 900)
+#   FLUX_DRAIN_TIMEOUT  seconds a worker may spend finishing accepted work on stop  (default 30)
+#   FLUX_STOP_TIMEOUT   seconds `stop` waits before SIGKILL       (default FLUX_DRAIN_TIMEOUT + 15)
+#   FLUX_HOST           address the workers bind                                     (default 127.0.0.1)
+#   FLUX_OUTPUT_DIR     shared image folder, served by nginx at /images/      (default ./outputs)
+#   FLUX_LOG_DIR        worker logs: flux_gpu{i}_port{port}.log          (default ./logs/multi_gpu)
+#   FLUX_RUN_DIR        pid files, run state, nginx prefix and config             (default ./run)
+#   NGINX_LOG_DIR       nginx access.log (JSON lines) and error.log
+#                       (default /var/log/nginx when writable, else FLUX_LOG_DIR)
+#   FLUX_RATE_LIMIT     per-API-key rate limit in nginx, e.g. 10r/s; 429 beyond it  (default off)
+#   FLUX_RATE_BURST     burst above the rate before 429                               (default 20)
+#   NGINX_MAX_BODY      largest request body                                          (default 1m)
+#   NGINX_READ_TIMEOUT  longest wait for a worker's answer                          (default 600s)
+#   Every other FLUX_* variable (FLUX_MAX_CONCURRENT, FLUX_MAX_QUEUE_SIZE, FLUX_API_KEYS, ...) is
+#   passed to the workers unchanged.
+set -euo pipefail
+
+NUM_GPUS="${NUM_GPUS:-}"          # empty: every GPU nvidia-smi lists (1 in CPU mode)
+BASE_PORT="${BASE_PORT:-8000}"
+NGINX_PORT="${NGINX_PORT:-80}"
+
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/scripts/lib.sh"
+
+usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+# ---------------------------------------------------------------------------------------------
+resolve_settings() {
+    load_paths
+    [[ "$BASE_PORT" =~ ^[0-9]+$ ]] || fatal "BASE_PORT must be a number, got '$BASE_PORT'"
+    [[ "$NGINX_PORT" =~ ^[0-9]+$ ]] || fatal "NGINX_PORT must be a number, got '$NGINX_PORT'"
+    if cpu_mode; then CPU_MODE=1; else CPU_MODE=0; fi
+    [[ -n "$NUM_GPUS" ]] || NUM_GPUS="$(detect_gpu_count)"
+    [[ "$NUM_GPUS" =~ ^[1-9][0-9]*$ ]] || fatal "NUM_GPUS must be a positive number, got '$NUM_GPUS'"
+    MODES="$(expand_modes "$MODE_SPEC" "$NUM_GPUS")"
+}
+
+# The interpreter for the workers: FLUX_PYTHON, the active virtualenv/conda env, ./.venv, or a
+# fresh ./.venv with requirements.txt so the first start on a new machine is one command.
+resolve_python() {
+    if [[ -n "${FLUX_PYTHON:-}" ]]; then
+        PYTHON="$FLUX_PYTHON"
+    elif [[ -n "${VIRTUAL_ENV:-}" && -x "$VIRTUAL_ENV/bin/python" ]]; then
+        PYTHON="$VIRTUAL_ENV/bin/python"
+    elif [[ -n "${CONDA_PREFIX:-}" && -x "$CONDA_PREFIX/bin/python" ]]; then
+        PYTHON="$CONDA_PREFIX/bin/python"
+    elif [[ -x "$FLUX_PROJECT_DIR/.venv/bin/python" ]]; then
+        PYTHON="$FLUX_PROJECT_DIR/.venv/bin/python"
+    else
+        have python3 || fatal "python3 not found: install Python 3.10+ (apt-get install python3 python3-venv)"
+        [[ -f "$FLUX_PROJECT_DIR/requirements.txt" ]] || fatal "no requirements.txt in $FLUX_PROJECT_DIR"
+        info "First run: creating .venv and installing requirements.txt (several minutes; log: $LOG_DIR/setup.log)"
+        mkdir -p "$LOG_DIR"
+        python3 -m venv "$FLUX_PROJECT_DIR/.venv" >>"$LOG_DIR/setup.log" 2>&1 ||
+            fatal "python3 -m venv failed (apt-get install python3-venv?); see $LOG_DIR/setup.log"
+        if ! "$FLUX_PROJECT_DIR/.venv/bin/pip" install -r "$FLUX_PROJECT_DIR/requirements.txt" \
+            >>"$LOG_DIR/setup.log" 2>&1; then
+            tail -n 20 "$LOG_DIR/setup.log" >&2
+            rm -rf "$FLUX_PROJECT_DIR/.venv"
+            fatal "pip install -r requirements.txt failed; full log: $LOG_DIR/setup.log"
+        fi
+        PYTHON="$FLUX_PROJECT_DIR/.venv/bin/python"
+    fi
+    [[ -x "$PYTHON" ]] || PYTHON="$(command -v "$PYTHON" 2>/dev/null)" || fatal "interpreter '$FLUX_PYTHON' not found"
+}
+
+# The environment of worker i, as NAME=value words for env(1).
+worker_env() {
+    local i="$1" prec="$2" port threads
+    port="$(worker_port "$i")"
+    WORKER_ENV=(
+        "FLUX_GPU_INDEX=$i" "FLUX_WORKER_ID=$port" "FLUX_PORT=$port" "$(port_env_name "$prec")=$port"
+        "FLUX_OUTPUT_DIR=$OUTPUT_DIR" "FLUX_HOST=${FLUX_HOST:-127.0.0.1}" "PYTHONUNBUFFERED=1"
+    )
+    if [[ "$CPU_MODE" == 1 ]]; then
+        # Share the cores instead of every worker starting one thread per core.
+        threads=$(($(nproc 2>/dev/null || echo 2) / NUM_GPUS))
+        ((threads >= 1)) || threads=1
+        WORKER_ENV+=("FLUX_DEVICE=cpu" "CUDA_VISIBLE_DEVICES=" "FLUX_MODEL=${FLUX_MODEL:-dummy:tiny}"
+            "OMP_NUM_THREADS=${OMP_NUM_THREADS:-$threads}")
+    else
+        WORKER_ENV+=("CUDA_VISIBLE_DEVICES=$i")
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# Workers
+# ---------------------------------------------------------------------------------------------
+running_pids() {
+    local f pid
+    for f in "$RUN_DIR"/worker_gpu*.pid; do
+        [[ -e "$f" ]] || continue
+        pid="$(live_pid "$f" "$FLUX_PROJECT_DIR/main_")" && echo "$pid"
+    done
+    pid="$(live_pid "$(nginx_pidfile)" "$(nginx_marker)")" && echo "$pid"
+    return 0
+}
+
+launch_worker() {
+    local i="$1" prec="$2" script log launcher=()
+    script="$(worker_script "$prec")"
+    log="$(worker_log "$i")"
+    worker_env "$i" "$prec"
+    have setsid && launcher=(setsid)   # own process group: stop reaches its children too
+    printf '\n=== %s start GPU %s %s port %s ===\n' "$(date '+%F %T')" "$i" "$prec" "$(worker_port "$i")" >>"$log"
+    (cd "$FLUX_PROJECT_DIR" && exec "${launcher[@]}" env "${WORKER_ENV[@]}" "$PYTHON" "$script") \
+        >>"$log" 2>&1 </dev/null &
+    echo $! >"$(worker_pidfile "$i")"
+}
+
+show_log_tail() {
+    local log="$1"
+    [[ -f "$log" ]] || return 0
+    error "last lines of $log:"
+    tail -n "${2:-25}" "$log" | sed 's/^/    /' >&2
+}
+
+# Waits until every worker answers /health 200; prints which GPU is still loading and for how long.
+wait_for_workers() {
+    local timeout="${FLUX_HEALTH_TIMEOUT:-900}" start=$SECONDS next_report=$((SECONDS + 5))
+    local -a modes pending still
+    read -r -a modes <<<"$MODES"
+    local i pid state line
+    pending=()
+    for ((i = 0; i < NUM_GPUS; i++)); do pending+=("$i"); done
+    while ((${#pending[@]} > 0)); do
+        still=()
+        line=""
+        for i in "${pending[@]}"; do
+            if ! pid="$(live_pid "$(worker_pidfile "$i")" "$FLUX_PROJECT_DIR/main_")"; then
+                error "GPU $i worker (port $(worker_port "$i")) exited during startup"
+                show_log_tail "$(worker_log "$i")"
+                return 1
+            fi
+            state="$(worker_state "$(worker_port "$i")")"
+            case "$state" in
+                ready) info "GPU $i ready on port $(worker_port "$i") after $((SECONDS - start))s" ;;
+                failed)
+                    error "GPU $i worker (port $(worker_port "$i")) failed to load the model"
+                    show_log_tail "$(worker_log "$i")"
+                    return 1 ;;
+                *) still+=("$i"); line+=" GPU$i:$state" ;;
+            esac
+        done
+        pending=("${still[@]+"${still[@]}"}")
+        ((${#pending[@]} == 0)) && break
+        if ((SECONDS - start >= timeout)); then
+            error "workers not ready after ${timeout}s (FLUX_HEALTH_TIMEOUT):$line"
+            for i in "${pending[@]}"; do show_log_tail "$(worker_log "$i")" 10; done
+            return 1
+        fi
+        if ((SECONDS >= next_report)); then
+            info "waiting $((SECONDS - start))s/${timeout}s:$line"
+            next_report=$((SECONDS + 5))
+        fi
+        sleep 1
+    done
+}
+
+# ---------------------------------------------------------------------------------------------
+# Nginx
+# ---------------------------------------------------------------------------------------------
+worker_specs() {
+    local -a modes specs=()
+    local i
+    read -r -a modes <<<"$MODES"
+    for ((i = 0; i < NUM_GPUS; i++)); do specs+=("$(worker_port "$i"):${modes[$i]}"); done
+    echo "${specs[@]}"
+}
+
+nginx_listen() { if [[ -n "${NGINX_ADDR:-}" ]]; then echo "$NGINX_ADDR:$NGINX_PORT"; else echo "$NGINX_PORT"; fi; }
+
+# Writes the config nginx will run with and sets NGINX_CONF_USED and NGINX_G (the -g directives).
+prepare_nginx_conf() {
+    local -a specs
+    mkdir -p "$NGINX_PREFIX" "$NGINX_LOG_DIR" "$OUTPUT_DIR"
+    if [[ -n "$CUSTOM_CONF" ]]; then
+        NGINX_CONF_USED="$CUSTOM_CONF"
+    else
+        read -r -a specs <<<"$(worker_specs)"
+        NGINX_CONF_USED="$NGINX_PREFIX/nginx.conf"
+        render_nginx_conf "$(nginx_listen)" "$OUTPUT_DIR" "${FLUX_RATE_LIMIT:-}" "${specs[@]}" >"$NGINX_CONF_USED.tmp"
+        # As root nginx's workers would run as nobody and could not read the images.
+        if [[ $EUID -eq 0 ]]; then
+            sed -i "1a user $(stat -c %U "$OUTPUT_DIR");" "$NGINX_CONF_USED.tmp"
+        fi
+        mv "$NGINX_CONF_USED.tmp" "$NGINX_CONF_USED"
+    fi
+    if grep -Eq '^[[:space:]]*daemon[[:space:]]' "$NGINX_CONF_USED"; then
+        error "$NGINX_CONF_USED sets 'daemon'; remove it: this script runs nginx in the foreground itself"
+        return 1
+    fi
+    NGINX_G="daemon off;"
+    grep -Eq '^[[:space:]]*pid[[:space:]]' "$NGINX_CONF_USED" || NGINX_G+=" pid $NGINX_PREFIX/nginx.pid;"
+}
+
+nginx_install_hint() {
+    if have apt-get; then echo "sudo apt-get install nginx"
+    elif have dnf; then echo "sudo dnf install nginx"
+    elif have brew; then echo "brew install nginx"
+    else echo "install nginx from your package manager"; fi
+}
+
+can_bind_port() {
+    local floor=1024
+    [[ -r /proc/sys/net/ipv4/ip_unprivileged_port_start ]] && floor="$(cat /proc/sys/net/ipv4/ip_unprivileged_port_start)"
+    [[ $EUID -eq 0 || "$1" -ge "$floor" ]]
+}
+
+start_nginx() {
+    local holder pid i
+    if ! have nginx; then
+        warn "nginx is not installed ($(nginx_install_hint)); falling back to direct access to the workers"
+        return 1
+    fi
+    if ! can_bind_port "$NGINX_PORT"; then
+        warn "cannot bind port $NGINX_PORT without root: run as root, or pick a high port: NGINX_PORT=8080 $0"
+        warn "falling back to direct access to the workers"
+        return 1
+    fi
+    holder="$(port_holder "$NGINX_PORT")"
+    if [[ -n "$holder" ]]; then
+        warn "nginx port $NGINX_PORT is already in use by $holder (a system nginx? 'sudo systemctl stop nginx', or NGINX_PORT=8080 $0)"
+        warn "falling back to direct access to the workers"
+        return 1
+    fi
+    prepare_nginx_conf || return 1
+    if ! nginx -t -q -p "$NGINX_PREFIX/" -c "$NGINX_CONF_USED" -g "$NGINX_G" >"$NGINX_PREFIX/test.log" 2>&1; then
+        error "nginx -t rejected $NGINX_CONF_USED:"
+        sed 's/^/    /' "$NGINX_PREFIX/test.log" >&2
+        warn "falling back to direct access to the workers"
+        return 1
+    fi
+    local launcher=()
+    have setsid && launcher=(setsid)
+    "${launcher[@]}" nginx -p "$NGINX_PREFIX/" -c "$NGINX_CONF_USED" -g "$NGINX_G" \
+        >>"$NGINX_LOG_DIR/access.log" 2>>"$NGINX_LOG_DIR/error.log" </dev/null &
+    pid=$!
+    echo "$pid" >"$(nginx_pidfile)"
+    for ((i = 0; i < 50; i++)); do
+        if ! kill -0 "$pid" 2>/dev/null; then break; fi
+        port_in_use "$NGINX_PORT" && { info "nginx (pid $pid) listening on port $NGINX_PORT"; return 0; }
+        sleep 0.1
+    done
+    error "nginx did not start"
+    show_log_tail "$NGINX_LOG_DIR/error.log" 10
+    kill "$pid" 2>/dev/null || true
+    rm -f "$(nginx_pidfile)"
+    warn "falling back to direct access to the workers"
+    return 1
+}
+
+# ---------------------------------------------------------------------------------------------
+# Subcommands
+# ---------------------------------------------------------------------------------------------
+print_table() {
+    local -a modes
+    local i port pid state model all_ready=0
+    read -r -a modes <<<"$MODES"
+    printf '%-5s %-6s %-8s %-6s %-28s %s\n' GPU PORT PID PREC MODEL STATE
+    for ((i = 0; i < NUM_GPUS; i++)); do
+        port="$(worker_port "$i")"
+        pid="$(live_pid "$(worker_pidfile "$i")" "$FLUX_PROJECT_DIR/main_")" || pid="-"
+        state="$(worker_state "$port")"
+        http_get "http://127.0.0.1:$port/" 2
+        model="$(json_field model "$HTTP_BODY")"
+        [[ "$state" == ready ]] || all_ready=1
+        printf '%-5s %-6s %-8s %-6s %-28s %s\n' "$i" "$port" "$pid" "${modes[$i]:-?}" "${model:--}" "$state"
+    done
+    return "$all_ready"
+}
+
+print_endpoint() {
+    local host="${NGINX_ADDR:-localhost}" url i
+    [[ "$host" == 0.0.0.0 ]] && host=localhost
+    if live_pid "$(nginx_pidfile)" "$(nginx_marker)" >/dev/null; then
+        url="http://$host"
+        [[ "$NGINX_PORT" == 80 ]] || url+=":$NGINX_PORT"
+        banner "API endpoint: $url/generate   (nginx, least_conn over $NUM_GPUS workers)"
+        if [[ " $MODES " == *" bf16 "* && ( " $MODES " == *" fp4 "* || " $MODES " == *" fp8 "* ) ]]; then
+            info "mixed precision: $url/generate/fast and $url/generate/quality"
+        fi
+        info "nginx logs: $NGINX_LOG_DIR/access.log (JSON), $NGINX_LOG_DIR/error.log"
+    else
+        banner "Direct access (no nginx): one URL per worker"
+        for ((i = 0; i < NUM_GPUS; i++)); do echo "  http://127.0.0.1:$(worker_port "$i")/generate"; done
+    fi
+    info "worker logs: $LOG_DIR/   monitor: ./monitor_multi_gpu.sh   stop: ./start_multi_gpu.sh stop"
+}
+
+cmd_start() {
+    local -a modes
+    local i port holder pids prec
+    resolve_settings
+    mkdir -p "$RUN_DIR" "$LOG_DIR" "$OUTPUT_DIR"
+    pids="$(running_pids)"
+    if [[ -n "$pids" ]]; then
+        fatal "already running (pids: $(echo "$pids" | tr '\n' ' ')); use '$0 status', '$0 stop' or '$0 restart'"
+    fi
+    read -r -a modes <<<"$MODES"
+    for prec in "${modes[@]}"; do
+        [[ -f "$(worker_script "$prec")" ]] || fatal "$(worker_script "$prec") not found"
+    done
+    for ((i = 0; i < NUM_GPUS; i++)); do
+        port="$(worker_port "$i")"
+        holder="$(port_holder "$port")"
+        [[ -z "$holder" ]] || fatal "port $port (GPU $i) is already in use by $holder; stop it, or choose another BASE_PORT"
+    done
+    [[ -z "$CUSTOM_CONF" || -f "$CUSTOM_CONF" ]] || fatal "nginx config $CUSTOM_CONF not found"
+    resolve_python
+
+    if [[ "$CPU_MODE" == 1 ]]; then
+        banner "*** CPU DEMO: no GPU in use (FLUX_DEVICE=${FLUX_DEVICE:-auto}, nvidia-smi $(have nvidia-smi && echo found || echo missing)) ***"
+        banner "*** $NUM_GPUS CPU worker(s) with FLUX_MODEL=${FLUX_MODEL:-dummy:tiny}: synthetic weights, not real images ***"
+    fi
+    info "starting $NUM_GPUS worker(s) on ports $BASE_PORT-$((BASE_PORT + NUM_GPUS - 1)) (precision: $MODES; python: $PYTHON)"
+    NGINX_CONF="$CUSTOM_CONF"
+    write_state
+    for ((i = 0; i < NUM_GPUS; i++)); do launch_worker "$i" "${modes[$i]}"; done
+
+    if ! wait_for_workers; then
+        error "start failed; stopping what was started"
+        cmd_stop >/dev/null 2>&1 || true
+        exit 1
+    fi
+    start_nginx || true
+    echo
+    print_table || true
+    echo
+    print_endpoint
+}
+
+cmd_stop() {
+    load_paths
+    local -a pids=() names=()
+    local f pid timeout deadline alive
+    for f in "$RUN_DIR"/worker_gpu*.pid; do
+        [[ -e "$f" ]] || continue
+        if pid="$(live_pid "$f" "$FLUX_PROJECT_DIR/main_")"; then
+            kill -TERM "$pid" 2>/dev/null || true   # the worker drains: 503 to new work, finishes the rest
+            pids+=("$pid")
+            names+=("$(basename "$f" .pid)")
+        fi
+    done
+    if pid="$(live_pid "$(nginx_pidfile)" "$(nginx_marker)")"; then
+        kill -QUIT "$pid" 2>/dev/null || true       # graceful: open requests are answered first
+        pids+=("$pid")
+        names+=(nginx)
+    fi
+    if ((${#pids[@]} == 0)); then
+        info "not running"
+        rm -f "$RUN_DIR"/worker_gpu*.pid "$(nginx_pidfile)"
+        return 0
+    fi
+    timeout="${FLUX_STOP_TIMEOUT:-$((${FLUX_DRAIN_TIMEOUT:-30} + 15))}"
+    info "stopping ${names[*]} (draining, up to ${timeout}s)"
+    deadline=$((SECONDS + timeout))
+    while :; do
+        alive=()
+        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive+=("$pid"); done
+        ((${#alive[@]} == 0)) && break
+        if ((SECONDS >= deadline)); then
+            warn "still running after ${timeout}s, killing: ${alive[*]}"
+            for pid in "${alive[@]}"; do signal_tree KILL "$pid"; done
+            sleep 0.5
+            break
+        fi
+        sleep 0.5
+    done
+    # Children left in a worker's process group (e.g. data loader processes) go with it.
+    for pid in "${pids[@]}"; do
+        pgrep -g "$pid" >/dev/null 2>&1 && signal_tree KILL "$pid"
+    done
+    rm -f "$RUN_DIR"/worker_gpu*.pid "$(nginx_pidfile)"
+    info "stopped"
+}
+
+# Loads what `start` recorded so status/monitor describe the running set, not today's defaults.
+load_state() {
+    load_paths
+    local v
+    if [[ -f "$STATE_FILE" ]]; then
+        NUM_GPUS="$(state_get NUM_GPUS)"
+        BASE_PORT="$(state_get BASE_PORT)"
+        NGINX_PORT="$(state_get NGINX_PORT)"
+        MODES="$(state_get MODES)"
+        CPU_MODE="$(state_get CPU_MODE)"
+        v="$(state_get NGINX_CONF)"
+        [[ -z "$CUSTOM_CONF" ]] && CUSTOM_CONF="$v"
+        return 0
+    fi
+    return 1
+}
+
+cmd_status() {
+    local rc=0
+    if ! load_state || [[ -z "$(running_pids)" ]]; then
+        info "not running"
+        return 3
+    fi
+    [[ "$CPU_MODE" == 1 ]] && banner "CPU demo"
+    print_table || rc=1
+    if live_pid "$(nginx_pidfile)" "$(nginx_marker)" >/dev/null; then
+        info "nginx: up on port $NGINX_PORT"
+    else
+        warn "nginx: down (direct access only)"
+    fi
+    return "$rc"
+}
+
+cmd_restart() {
+    local spec_given="$MODE_SPEC_GIVEN"
+    if [[ -f "${FLUX_RUN_DIR:-$FLUX_PROJECT_DIR/run}/state" ]]; then
+        load_paths
+        if [[ "$spec_given" == 0 ]]; then
+            # "fp4 fp4 bf16" → "fp4,fp4,bf16" (or the single precision) for the next start.
+            MODE_SPEC="$(state_get MODES | tr ' ' ',')"
+            [[ "$MODE_SPEC" == *,* && -z "$(tr ',' '\n' <<<"$MODE_SPEC" | sort -u | sed -n 2p)" ]] && MODE_SPEC="${MODE_SPEC%%,*}"
+            [[ -n "${NUM_GPUS_ENV:-}" ]] || NUM_GPUS="$(state_get NUM_GPUS)"
+        fi
+        [[ -n "$CUSTOM_CONF" ]] || CUSTOM_CONF="$(state_get NGINX_CONF)"
+    fi
+    cmd_stop
+    cmd_start
+}
+
+# systemd template unit flux-worker@N: one worker in the foreground, its log where the monitor looks.
+cmd_worker() {
+    local i="$1"
+    local -a modes
+    [[ "$i" =~ ^[0-9]+$ ]] || fatal "usage: $0 worker GPU_INDEX"
+    resolve_settings
+    ((i < NUM_GPUS)) || NUM_GPUS=$((i + 1))
+    MODES="$(expand_modes "$MODE_SPEC" "$NUM_GPUS")"
+    read -r -a modes <<<"$MODES"
+    resolve_python
+    mkdir -p "$RUN_DIR" "$LOG_DIR" "$OUTPUT_DIR"
+    worker_env "$i" "${modes[$i]}"
+    echo $$ >"$(worker_pidfile "$i")"
+    info "GPU $i ${modes[$i]} worker on port $(worker_port "$i"); log: $(worker_log "$i")"
+    cd "$FLUX_PROJECT_DIR"
+    exec env "${WORKER_ENV[@]}" "$PYTHON" "$(worker_script "${modes[$i]}")" >>"$(worker_log "$i")" 2>&1
+}
+
+# systemd unit flux-nginx: nginx in the foreground for the workers NUM_GPUS/BASE_PORT describe.
+cmd_nginx() {
+    resolve_settings
+    have nginx || fatal "nginx is not installed ($(nginx_install_hint))"
+    prepare_nginx_conf || exit 1
+    nginx -t -q -p "$NGINX_PREFIX/" -c "$NGINX_CONF_USED" -g "$NGINX_G" || fatal "nginx -t failed"
+    echo $$ >"$(nginx_pidfile)"
+    exec nginx -p "$NGINX_PREFIX/" -c "$NGINX_CONF_USED" -g "$NGINX_G" \
+        >>"$NGINX_LOG_DIR/access.log" 2>>"$NGINX_LOG_DIR/error.log"
+}
+
+cmd_nginx_conf() {
+    local -a specs
+    resolve_settings
+    read -r -a specs <<<"$(worker_specs)"
+    render_nginx_conf "$(nginx_listen)" "" "${FLUX_RATE_LIMIT:-}" "${specs[@]}"
+}
+
+main() {
+    local cmd=start arg=""
+    MODE_SPEC="${FLUX_MODE:-fp4}"
+    MODE_SPEC_GIVEN=0
+    CUSTOM_CONF=""
+    NUM_GPUS_ENV="$NUM_GPUS"
+    while (($# > 0)); do
+        case "$1" in
+            start | stop | status | restart | nginx | nginx-conf) cmd="$1" ;;
+            worker) cmd=worker; arg="${2:-}"; shift || true ;;
+            -m | --mode) MODE_SPEC="${2:?-m needs a mode}"; MODE_SPEC_GIVEN=1; shift ;;
+            -c | --config)
+                CUSTOM_CONF="${2:?-c needs a file}"; shift
+                [[ "$CUSTOM_CONF" == /* ]] || CUSTOM_CONF="$PWD/$CUSTOM_CONF" ;;
+            -h | --help | help) usage; exit 0 ;;
+            *) error "unknown argument '$1'"; usage >&2; exit 2 ;;
+        esac
+        shift
+    done
+    case "$cmd" in
+        start) cmd_start ;;
+        stop) cmd_stop ;;
+        status) cmd_status ;;
+        restart) cmd_restart ;;
+        worker) cmd_worker "$arg" ;;
+        nginx) cmd_nginx ;;
+        nginx-conf) cmd_nginx_conf ;;
+    esac
+}
+
+main "$@"
