@@ -355,7 +355,7 @@ cmd_start() {
         cmd_stop >/dev/null 2>&1 || true
         exit 1
     fi
-    start_nginx || true
+    if start_nginx; then state_set NGINX up; else state_set NGINX none; fi
     echo
     print_table || true
     echo

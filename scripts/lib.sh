@@ -108,6 +108,12 @@ write_state() {
     mv "$STATE_FILE.tmp" "$STATE_FILE"
 }
 
+state_set() {
+    [[ -f "$STATE_FILE" ]] || return 0
+    sed -i "/^$1=/d" "$STATE_FILE"
+    echo "$1=$2" >>"$STATE_FILE"
+}
+
 # Prints one value from the state file (never sourced: it is data, not code).
 state_get() {
     [[ -f "$STATE_FILE" ]] || return 1
