@@ -1,0 +1,350 @@
+"""start_multi_gpu.sh, monitor_multi_gpu.sh and the nginx configs, with real processes.
+
+One fleet of three CPU workers (dummy:tiny, precisions fp4,fp4,bf16) behind a real nginx on free
+loopback ports, started and stopped through the scripts exactly as a user would. Run state, logs
+and images live in a temporary folder so a user's own instance is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+START = ROOT / "start_multi_gpu.sh"
+MONITOR = ROOT / "monitor_multi_gpu.sh"
+NUM_WORKERS = 3
+MODES = "fp4,fp4,bf16"
+BODY = {"prompt": "a red cube on a table", "width": 256, "height": 256, "num_inference_steps": 2}
+
+pytestmark = pytest.mark.integration
+
+needs_nginx = pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port_block(count: int) -> int:
+    """First port of `count` consecutive free ports (workers use BASE_PORT..BASE_PORT+count-1)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + count < 65535 and all(_port_free(base + i) for i in range(count)):
+            return base
+    raise RuntimeError("no block of free ports")
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _request(method: str, url: str, body: dict | None = None, timeout: float = 60.0):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.headers, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, exc.read()
+
+
+def _get_json(url: str) -> dict:
+    status, _, raw = _request("GET", url, timeout=10)
+    assert status == 200, (url, status, raw[:300])
+    return json.loads(raw)
+
+
+def _completed(port: int) -> int:
+    return int(_get_json(f"http://127.0.0.1:{port}/queue-stats")["completed"])
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Fleet:
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.base_port = _free_port_block(NUM_WORKERS)
+        self.nginx_port = _free_port_block(1)
+        self.env = {
+            **os.environ,
+            "NUM_GPUS": str(NUM_WORKERS),
+            "BASE_PORT": str(self.base_port),
+            "NGINX_PORT": str(self.nginx_port),
+            "NGINX_ADDR": "127.0.0.1",
+            "FLUX_DEVICE": "cpu",
+            "FLUX_MODEL": "dummy:tiny",
+            "FLUX_PYTHON": sys.executable,
+            "FLUX_RUN_DIR": str(tmp / "run"),
+            "FLUX_LOG_DIR": str(tmp / "logs"),
+            "FLUX_OUTPUT_DIR": str(tmp / "outputs"),
+            "NGINX_LOG_DIR": str(tmp / "logs"),
+            "FLUX_HEALTH_TIMEOUT": "180",
+            "FLUX_DRAIN_TIMEOUT": "10",
+            "NO_COLOR": "1",
+        }
+        self.env.pop("VIRTUAL_ENV", None)
+        self.url = f"http://127.0.0.1:{self.nginx_port}"
+        self.ports = [self.base_port + i for i in range(NUM_WORKERS)]
+        self.start_result: subprocess.CompletedProcess | None = None
+
+    def run(self, script: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(script), *args], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def pid(self, gpu: int) -> int:
+        return int((self.tmp / "run" / f"worker_gpu{gpu}.pid").read_text().split()[0])
+
+    def all_pids(self) -> list[int]:
+        return [int(p.read_text().split()[0]) for p in (self.tmp / "run").glob("*.pid")]
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    if shutil.which("nginx") is None:
+        pytest.skip("nginx is not installed")
+    f = Fleet(tmp_path_factory.mktemp("fleet"))
+    f.start_result = f.run(START, "start", "-m", MODES)
+    pids = f.all_pids()
+    try:
+        assert f.start_result.returncode == 0, f.start_result.stdout + f.start_result.stderr
+        yield f
+    finally:
+        f.run(START, "stop", timeout=120)
+        for pid in pids:  # never leave a process behind, even when stop is broken
+            if _pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------
+# static checks
+# ---------------------------------------------------------------------------------------------
+SCRIPTS = [START, MONITOR, ROOT / "scripts" / "lib.sh"]
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+def test_shellcheck_clean():
+    scripts = sorted({*SCRIPTS, *ROOT.glob("*.sh"), *(ROOT / "scripts").glob("*.sh")})
+    result = subprocess.run(["shellcheck", "-x", *map(str, scripts)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_nginx
+@pytest.mark.parametrize("conf", ["nginx.conf", "nginx_mixed.conf"])
+def test_shipped_nginx_configs_pass_nginx_t(conf, tmp_path):
+    result = subprocess.run(
+        ["nginx", "-t", "-p", f"{tmp_path}/", "-c", str(ROOT / conf), "-g", f"pid {tmp_path}/nginx.pid;"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(("conf", "mode"), [("nginx.conf", "fp4"), ("nginx_mixed.conf", "mixed")])
+def test_shipped_nginx_configs_match_the_renderer(conf, mode):
+    """The shipped files are what the script renders for 8 GPUs: they cannot drift apart."""
+    env = {**os.environ, "NUM_GPUS": "8", "BASE_PORT": "8000", "NGINX_PORT": "80", "FLUX_DEVICE": "cuda"}
+    env.pop("NGINX_ADDR", None)
+    env.pop("FLUX_RATE_LIMIT", None)
+    result = subprocess.run(
+        [str(START), "nginx-conf", "-m", mode], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (ROOT / conf).read_text()
+    assert "server 127.0.0.1:8000 max_fails=3 fail_timeout=30s;" in result.stdout
+    assert "least_conn;" in result.stdout
+
+
+@needs_nginx
+def test_rate_limited_config_passes_nginx_t(tmp_path):
+    env = {**os.environ, "NUM_GPUS": "2", "BASE_PORT": "8000", "NGINX_PORT": "8080", "FLUX_DEVICE": "cpu",
+           "FLUX_RATE_LIMIT": "5r/s"}
+    rendered = subprocess.run([str(START), "nginx-conf"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert rendered.returncode == 0, rendered.stderr
+    assert "limit_req_zone" in rendered.stdout
+    conf = tmp_path / "rate.conf"
+    conf.write_text(rendered.stdout)
+    result = subprocess.run(
+        ["nginx", "-t", "-p", f"{tmp_path}/", "-c", str(conf), "-g", f"pid {tmp_path}/nginx.pid;"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_port_in_use_is_named_with_its_holder(tmp_path):
+    base = _free_port_block(2)
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind(("127.0.0.1", base + 1))
+    holder.listen()
+    try:
+        env = {**os.environ, "NUM_GPUS": "2", "BASE_PORT": str(base), "FLUX_DEVICE": "cpu",
+               "FLUX_RUN_DIR": str(tmp_path / "run"), "FLUX_LOG_DIR": str(tmp_path / "logs"),
+               "FLUX_PYTHON": sys.executable, "NO_COLOR": "1"}
+        result = subprocess.run([str(START)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        holder.close()
+    assert result.returncode != 0
+    assert f"port {base + 1}" in result.stderr
+    assert str(os.getpid()) in result.stderr  # the holder's pid
+    assert _port_free(base), "nothing may be left running after a refused start"
+
+
+# ---------------------------------------------------------------------------------------------
+# the running fleet (tests run in file order: the destructive ones come last)
+# ---------------------------------------------------------------------------------------------
+def test_start_prints_a_table_and_the_url(fleet):
+    out = fleet.start_result.stdout
+    assert "CPU DEMO" in out
+    for gpu, port in enumerate(fleet.ports):
+        assert str(port) in out and str(fleet.pid(gpu)) in out
+    assert out.count("ready") >= NUM_WORKERS
+    assert f"{fleet.url}/generate" in out
+
+
+def test_second_start_is_refused(fleet):
+    result = fleet.run(START, "start")
+    assert result.returncode != 0
+    assert "already running" in result.stderr
+
+
+def test_status_reports_every_worker(fleet):
+    result = fleet.run(START, "status")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for port in fleet.ports:
+        assert str(port) in result.stdout
+
+
+def test_requests_through_nginx_spread_over_all_workers(fleet):
+    before = [_completed(p) for p in fleet.ports]
+    with ThreadPoolExecutor(max_workers=NUM_WORKERS) as pool:
+        results = list(pool.map(lambda _: _request("POST", f"{fleet.url}/generate", BODY), range(3 * NUM_WORKERS)))
+    for status, headers, raw in results:
+        assert status == 200, raw[:300]
+        assert headers.get("X-Request-ID")
+    after = [_completed(p) for p in fleet.ports]
+    assert all(a > b for a, b in zip(after, before)), f"completed before {before}, after {after}"
+
+    # The image is served by nginx from the shared output folder.
+    image_url = json.loads(results[0][2])["image_url"]
+    path = image_url[image_url.index("/images/"):]
+    status, headers, raw = _request("GET", f"{fleet.url}{path}")
+    assert status == 200 and headers.get("Content-Type") == "image/png" and raw[:4] == b"\x89PNG"
+
+
+def test_request_id_is_passed_through_and_logged(fleet):
+    req = urllib.request.Request(f"{fleet.url}/generate", data=json.dumps(BODY).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", "X-Request-ID": "trace-abc123"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        assert resp.headers.get("X-Request-ID") == "trace-abc123"
+    access_log = fleet.tmp / "logs" / "access.log"
+    deadline = time.time() + 5
+    while "trace-abc123" not in access_log.read_text() and time.time() < deadline:
+        time.sleep(0.1)
+    line = next(ln for ln in access_log.read_text().splitlines() if "trace-abc123" in ln)
+    entry = json.loads(line)
+    assert entry["status"] == 200 and entry["uri"] == "/generate"
+
+
+def test_mixed_routes_fast_and_quality_to_their_workers(fleet):
+    for _ in range(4):
+        status, _, raw = _request("POST", f"{fleet.url}/generate/fast", BODY)
+        assert status == 200, raw[:300]
+        assert json.loads(raw)["precision"] == "fp4"
+        status, _, raw = _request("POST", f"{fleet.url}/generate/quality", BODY)
+        assert status == 200, raw[:300]
+        body = json.loads(raw)
+        assert body["precision"] == "bf16" and body["gpu"] == 2
+
+
+def test_jobs_reach_the_worker_that_owns_them(fleet):
+    ids = []
+    for _ in range(NUM_WORKERS * 2):
+        status, _, raw = _request("POST", f"{fleet.url}/jobs", BODY)
+        assert status == 202, raw[:300]
+        ids.append(json.loads(raw)["job_id"])
+    assert {i.split("-")[0] for i in ids} <= {str(p) for p in fleet.ports}
+    for job_id in ids:
+        for _ in range(100):
+            job = _get_json(f"{fleet.url}/jobs/{job_id}")
+            if job["status"] not in ("queued", "running"):
+                break
+            time.sleep(0.1)
+        assert job["status"] == "succeeded", job
+    # An id naming no known worker is answered by nginx, never proxied to that port.
+    status, _, raw = _request("GET", f"{fleet.url}/jobs/1-deadbeef")
+    assert status == 404 and json.loads(raw)["error"]["code"]
+
+
+def test_monitor_once_shows_every_worker(fleet):
+    result = fleet.run(MONITOR, "--once", "--errors", timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for port in fleet.ports:
+        assert str(port) in result.stdout
+    assert "nginx: up" in result.stdout
+    assert f"{NUM_WORKERS}/{NUM_WORKERS} ready" in result.stdout
+
+
+def test_kill_9_of_one_worker_keeps_nginx_answering(fleet):
+    victim = fleet.pid(1)
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.time() + 10
+    while _listening(fleet.ports[1]) and time.time() < deadline:
+        time.sleep(0.1)
+    for _ in range(2 * NUM_WORKERS):
+        status, _, raw = _request("POST", f"{fleet.url}/generate", BODY)
+        assert status == 200, raw[:300]
+
+    monitor = fleet.run(MONITOR, "--once", timeout=60)
+    assert monitor.returncode != 0
+    line = next(ln for ln in monitor.stdout.splitlines() if str(fleet.ports[1]) in ln and "down" in ln)
+    assert line
+
+
+def test_stop_leaves_no_process_and_no_port(fleet):
+    pids = fleet.all_pids()
+    result = fleet.run(START, "stop", timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for pid in pids:
+        assert not _pid_alive(pid), f"pid {pid} still runs"
+    for port in [*fleet.ports, fleet.nginx_port]:
+        assert not _listening(port), f"port {port} still bound"
+    again = fleet.run(START, "stop")
+    assert again.returncode == 0 and "not running" in again.stdout
+    status = fleet.run(START, "status")
+    assert status.returncode == 3
