@@ -35,8 +35,7 @@
 #   FLUX_OUTPUT_DIR     shared image folder, served by nginx at /images/      (default ./outputs)
 #   FLUX_LOG_DIR        worker logs: flux_gpu{i}_port{port}.log          (default ./logs/multi_gpu)
 #   FLUX_RUN_DIR        pid files, run state, nginx prefix and config             (default ./run)
-#   NGINX_LOG_DIR       nginx access.log (JSON lines) and error.log
-#                       (default /var/log/nginx when writable, else FLUX_LOG_DIR)
+#   NGINX_LOG_DIR       nginx access.log (JSON lines) and error.log     (default ./logs/multi_gpu/nginx)
 #   FLUX_RATE_LIMIT     per-API-key rate limit in nginx, e.g. 10r/s; 429 beyond it  (default off)
 #   FLUX_RATE_BURST     burst above the rate before 429                               (default 20)
 #   NGINX_MAX_BODY      largest request body                                          (default 1m)
@@ -233,10 +232,14 @@ nginx_install_hint() {
     else echo "install nginx from your package manager"; fi
 }
 
+# Root, CAP_NET_BIND_SERVICE (systemd AmbientCapabilities) or a port above the privileged range.
 can_bind_port() {
-    local floor=1024
+    local floor=1024 caps
+    [[ $EUID -eq 0 ]] && return 0
     [[ -r /proc/sys/net/ipv4/ip_unprivileged_port_start ]] && floor="$(cat /proc/sys/net/ipv4/ip_unprivileged_port_start)"
-    [[ $EUID -eq 0 || "$1" -ge "$floor" ]]
+    [[ "$1" -ge "$floor" ]] && return 0
+    caps="$(awk '/^CapEff:/ { print $2 }' /proc/$$/status 2>/dev/null)"
+    [[ -n "$caps" ]] && (((16#$caps >> 10) & 1))
 }
 
 start_nginx() {

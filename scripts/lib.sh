@@ -6,7 +6,7 @@
 #   FLUX_RUN_DIR        pid files, run state and nginx's prefix        (default <project>/run)
 #   FLUX_LOG_DIR        worker logs                                     (default <project>/logs/multi_gpu)
 #   FLUX_OUTPUT_DIR     images, shared by every worker and nginx        (default <project>/outputs)
-#   NGINX_LOG_DIR       nginx access.log / error.log  (default /var/log/nginx when writable, else FLUX_LOG_DIR)
+#   NGINX_LOG_DIR       nginx access.log (JSON lines) / error.log       (default FLUX_LOG_DIR/nginx)
 #   FLUX_DEVICE         auto | cuda | cpu; cpu (or no nvidia-smi) starts the CPU demo
 #   FLUX_HOST           address the workers bind                        (default 127.0.0.1)
 #   FLUX_RATE_LIMIT     per-key nginx rate limit such as 10r/s          (default: off)
@@ -44,13 +44,9 @@ load_paths() {
     OUTPUT_DIR="${FLUX_OUTPUT_DIR:-$FLUX_PROJECT_DIR/outputs}"
     STATE_FILE="$RUN_DIR/state"
     NGINX_PREFIX="$RUN_DIR/nginx"
-    if [[ -n "${NGINX_LOG_DIR:-}" ]]; then
-        :
-    elif [[ -d /var/log/nginx && -w /var/log/nginx ]]; then
-        NGINX_LOG_DIR=/var/log/nginx   # where the guide says to look
-    else
-        NGINX_LOG_DIR="$LOG_DIR"
-    fi
+    # Our nginx's logs stay with the workers' (logrotate covers both); NGINX_LOG_DIR=/var/log/nginx
+    # puts them where a system nginx keeps its own.
+    NGINX_LOG_DIR="${NGINX_LOG_DIR:-$LOG_DIR/nginx}"
 }
 
 have() { command -v "$1" >/dev/null 2>&1; }
