@@ -348,3 +348,19 @@ def test_stop_leaves_no_process_and_no_port(fleet):
     assert again.returncode == 0 and "not running" in again.stdout
     status = fleet.run(START, "status")
     assert status.returncode == 3
+
+
+def test_compose_file_has_one_gpu_worker_per_service():
+    yaml = pytest.importorskip("yaml")
+    compose = yaml.safe_load((ROOT / "docker-compose.multi-gpu.yml").read_text())
+    services = compose["services"]
+    assert "nginx" in services
+    workers = {name: svc for name, svc in services.items() if name.startswith("flux-gpu")}
+    assert len(workers) == 8
+    for i in range(8):
+        svc = workers[f"flux-gpu{i}"]
+        device = svc["deploy"]["resources"]["reservations"]["devices"][0]
+        assert device["device_ids"] == [str(i)] and "gpu" in device["capabilities"]
+        assert f"FLUX_PORT={8000 + i}" in svc["environment"]
+        assert "/health" in " ".join(svc["healthcheck"]["test"])
+        assert int(svc["stop_grace_period"].rstrip("s")) > 30  # longer than the default drain
