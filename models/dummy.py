@@ -184,14 +184,18 @@ def materialize(module: torch.nn.Module, device: torch.device, dtype: torch.dtyp
     the quantized size plus one bf16 layer.
     """
     generator = torch.Generator(device=device).manual_seed(seed)
+    made: dict[int, torch.nn.Parameter] = {}  # tied parameters (T5's shared embedding) stay tied
 
     def fill(mod: torch.nn.Module, prefix: str) -> None:
         for p_name, param in list(mod.named_parameters(recurse=False)):
             if param.device.type != "meta":
                 continue
-            data = torch.empty(param.shape, device=device, dtype=dtype if param.is_floating_point() else param.dtype)
-            _init_tensor_(f"{prefix}{p_name}", data, generator)
-            setattr(mod, p_name, torch.nn.Parameter(data, requires_grad=False))
+            if id(param) not in made:
+                data = torch.empty(param.shape, device=device,
+                                   dtype=dtype if param.is_floating_point() else param.dtype)
+                _init_tensor_(f"{prefix}{p_name}", data, generator)
+                made[id(param)] = torch.nn.Parameter(data, requires_grad=False)
+            setattr(mod, p_name, made[id(param)])
         for b_name, buf in list(mod.named_buffers(recurse=False)):
             if buf.device.type == "meta":
                 mod.register_buffer(b_name, torch.zeros(buf.shape, device=device, dtype=buf.dtype))
@@ -257,6 +261,7 @@ def build_dummy_pipeline(model: str, device: torch.device, dtype: torch.dtype,
         text_encoder = CLIPTextModel(clip_cfg)
         text_encoder_2 = T5EncoderModel(t5_cfg)
         vae = AutoencoderKL(**spec.vae)
+    text_encoder_2.tie_weights()  # one embedding table for `shared` and `encoder.embed_tokens`, as loaded
     components = {}
     for offset, (name, mod) in enumerate(
             [("transformer", transformer), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2),

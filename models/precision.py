@@ -1,10 +1,12 @@
 """Numeric precision of a pipeline: bf16, fp4 (bitsandbytes 4-bit) and fp8 (torchao, Hopper and newer).
 
 bf16  every module in bfloat16 (float32 on a CPU, where bf16 kernels are slow or missing).
-fp4   every nn.Linear of the transformer and of T5 becomes a bitsandbytes Linear4bit (fp4, bf16 compute).
-      T5's feed-forward output `wo` stays unquantized: 4-bit there makes T5 cast activations to uint8 and
-      crash, which is also why transformers keeps it in higher precision. The swap works on CPU as well.
-      Layers are quantized as their weights reach the device, so loading never needs the bf16 copy there.
+fp4   every nn.Linear of the transformer, T5 and CLIP becomes a bitsandbytes Linear4bit (fp4, bf16 compute),
+      except T5's feed-forward output `wo`: 4-bit there makes T5 cast activations to the weight's storage
+      dtype (uint8) and crash. `wo` becomes LLM.int8 (Linear8bitLt) instead, the one quantized dtype T5's
+      feed-forward is written to accept; in bf16 it alone would cost 1.9 GiB and push the full FLUX.1-dev
+      past 9 GiB. The swap works on CPU as well. Layers are quantized as their weights reach the device,
+      so loading never needs the bf16 copy there.
 fp8   torchao float8 dynamic activations + float8 weights, row-wise scales, on the transformer: about twice
       the matrix rate of bf16 on H100 when compiled (uncompiled it is slower than bf16). Lossy: opt-in.
 """
@@ -17,7 +19,7 @@ import torch
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("bf16", "fp4", "fp8")
-FP4_COMPONENTS = ("transformer", "text_encoder_2")
+FP4_COMPONENTS = ("transformer", "text_encoder_2", "text_encoder")
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
@@ -51,6 +53,19 @@ def make_fp4_linear(linear: torch.nn.Linear, device: torch.device, dtype: torch.
     return layer
 
 
+def make_int8_linear(linear: torch.nn.Linear, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """LLM.int8 layer (outliers above 6 sigma kept in 16-bit), quantized as it moves onto `device`."""
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                has_fp16_weights=False, threshold=6.0, device="meta")
+    weight = bnb.nn.Int8Params(linear.weight.data.to(dtype), requires_grad=False, has_fp16_weights=False)
+    layer.weight = weight.to(device)
+    if linear.bias is not None:
+        layer.bias = torch.nn.Parameter(linear.bias.data.to(device=device, dtype=dtype), requires_grad=False)
+    return layer
+
+
 def fp4_replacer(device: torch.device, dtype: torch.dtype, quant_type: str = "fp4"):
     """A `quantize(component, name, linear)` hook for the loaders: which layers become 4-bit."""
 
@@ -58,7 +73,7 @@ def fp4_replacer(device: torch.device, dtype: torch.dtype, quant_type: str = "fp
         if component not in FP4_COMPONENTS:
             return None
         if component == "text_encoder_2" and name.endswith(".wo"):
-            return None
+            return make_int8_linear(linear, device, dtype)
         return make_fp4_linear(linear, device, dtype, quant_type)
 
     return quantize
