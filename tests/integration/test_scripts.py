@@ -221,7 +221,8 @@ def test_port_in_use_is_named_with_its_holder(tmp_path):
         holder.close()
     assert result.returncode != 0
     assert f"port {base + 1}" in result.stderr
-    assert str(os.getpid()) in result.stderr  # the holder's pid
+    if shutil.which("lsof") or shutil.which("ss"):
+        assert str(os.getpid()) in result.stderr  # the holder's pid
     assert _port_free(base), "nothing may be left running after a refused start"
 
 
