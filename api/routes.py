@@ -35,6 +35,14 @@ def job_response(rt: Runtime, request: Request, job: Job) -> dict:
     }
 
 
+def _worth_retrying(job: Job) -> bool:
+    """A job whose client hung up, or that failed with a retryable error, produced no image: a retry under
+    its Idempotency-Key starts a new attempt instead of replaying that outcome forever."""
+    if job.cancel_reason == "disconnect":  # cancelled, or about to be at its next step
+        return True
+    return job.status == JobStatus.failed and job.error is not None and job.error.retryable
+
+
 async def submit_request(rt: Runtime, request: Request, route: str) -> tuple[Job, bool]:
     """Validate and enqueue a generation; returns (job, reused) where reused means an Idempotency-Key match."""
     data = await read_json_object(request, rt.settings.max_body_bytes)
@@ -44,7 +52,7 @@ async def submit_request(rt: Runtime, request: Request, route: str) -> tuple[Job
     if key:
         job_id = rt.idempotency.lookup(key, fingerprint)
         job = rt.queue.get(job_id) if job_id else None
-        if job is not None:
+        if job is not None and not _worth_retrying(job):
             return job, True
     ensure_accepting(rt.state)
     timeout = req.timeout_s or rt.settings.request_timeout_s
