@@ -45,10 +45,6 @@ LONG_JOB = {"prompt": "a long render", "width": 1024, "height": 1024, "num_infer
 QUICK_JOB = {"prompt": "a quick render", "width": 256, "height": 256, "num_inference_steps": 1}
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: long-running (soak); still part of the CI run")
-
-
 def pytest_collection_modifyitems(config, items):
     # no test may hang the suite: a default per-test limit unless the test sets its own
     for item in items:
