@@ -175,7 +175,10 @@ class QueueManager:
         if self.fatal_error:
             self._reject("failed")
             raise NotReady("the GPU worker failed and is restarting", retry_after=5)
-        if len(self._waiting) >= self.max_queue_size:
+        # An idle GPU takes up to max_concurrent waiting jobs at once: those are not "waiting beyond the
+        # running ones", so max_queue_size=0 still accepts work whenever the GPU is free.
+        free_slots = 0 if self._running else self.max_concurrent
+        if len(self._waiting) >= self.max_queue_size + free_slots:
             self._reject("queue_full")
             raise QueueFull(f"the queue is full ({self.max_queue_size} waiting); retry later",
                             retry_after=self.estimated_wait_s())
