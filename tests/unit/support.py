@@ -90,22 +90,34 @@ class BlockingLoadEngine(PreloadedEngine):
         return self.info
 
 
-class OutOfMemoryPipe:
-    """Wraps a pipeline: the next `times` calls raise torch.OutOfMemoryError as CUDA would, then it works."""
+class FailingPipe:
+    """Wraps a pipeline: the next `times` calls raise `make_error()`, later calls render normally."""
 
-    def __init__(self, pipe, times: int = 1):
+    def __init__(self, pipe, make_error, times: int = 1):
         self._pipe = pipe
+        self._make_error = make_error
         self.remaining = times
 
     def __call__(self, *args, **kwargs):
         if self.remaining > 0:
             self.remaining -= 1
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.10 GiB "
-                                         "total capacity; 70.02 GiB already allocated)")
+            raise self._make_error()
         return self._pipe(*args, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self._pipe, name)
+
+
+def cuda_out_of_memory() -> Exception:
+    return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.10 GiB total "
+                                  "capacity; 70.02 GiB already allocated)")
+
+
+class OutOfMemoryPipe(FailingPipe):
+    """The next `times` calls raise torch.OutOfMemoryError as CUDA would, then the pipeline works again."""
+
+    def __init__(self, pipe, times: int = 1):
+        super().__init__(pipe, cuda_out_of_memory, times)
 
 
 # ---- in-process app (ASGI) ------------------------------------------------------------------------
