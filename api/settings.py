@@ -9,14 +9,14 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Precision = Literal["bf16", "fp4", "fp8"]
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FLUX_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="FLUX_", extra="ignore", populate_by_name=True)
 
     # model and device
     model: str = Field("black-forest-labs/FLUX.1-schnell", description="hub id, local folder, or dummy:tiny / "
@@ -46,7 +46,9 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(100, ge=0, description="requests waiting beyond the running ones")
     batch_wait_ms: float = Field(0.0, ge=0, le=1000, description="how long a partial batch waits for partners")
     request_timeout_s: float = Field(600.0, gt=0, description="default deadline of a request, queue included")
-    drain_timeout_s: float = Field(30.0, ge=0, description="how long SIGTERM waits for accepted work")
+    drain_timeout_s: float = Field(30.0, ge=0, description="how long SIGTERM waits for accepted work",
+                                   # the scripts and docs name it FLUX_DRAIN_TIMEOUT
+                                   validation_alias=AliasChoices("FLUX_DRAIN_TIMEOUT_S", "FLUX_DRAIN_TIMEOUT"))
     max_consecutive_failures: int = Field(3, ge=1, description="GPU failures in a row that flip /health to 503")
 
     # storage and retention
