@@ -149,6 +149,13 @@ class QueueManager:
         for job in list(self._waiting):
             self._waiting.remove(job)
             self._finish(job, JobStatus.failed, Draining("the server is shutting down; retry on another worker"))
+        # Past the deadline a running batch stops at its next step, so its clients get an answer and the
+        # server is not held open by a render that outlives the drain.
+        for job in list(self._running):
+            job.cancel_reason = job.cancel_reason or "shutdown"
+        step_grace = time.monotonic() + 5
+        while self._running and time.monotonic() < step_grace:
+            await asyncio.sleep(0.05)
         return clean
 
     async def stop(self) -> None:
@@ -350,6 +357,9 @@ class QueueManager:
     def _finish_cancelled(self, job: Job) -> None:
         if job.cancel_reason == "timeout":
             self._finish(job, JobStatus.failed, Timeout("the request ran past its deadline"))
+        elif job.cancel_reason == "shutdown":
+            self._finish(job, JobStatus.failed, Draining("the server shut down before this request finished; "
+                                                         "retry on another worker"))
         else:
             self._finish(job, JobStatus.cancelled, Cancelled(f"the request was cancelled ({job.cancel_reason})"))
 
