@@ -45,8 +45,3 @@ def bf16_engine():
 @pytest.fixture(scope="session")
 def fp4_engine():
     return _load_engine("fp4")
-
-
-@pytest.fixture(scope="session")
-def engines(bf16_engine, fp4_engine):
-    return {"bf16": bf16_engine, "fp4": fp4_engine}
