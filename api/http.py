@@ -38,6 +38,9 @@ async def read_json_object(request: Request, max_bytes: int) -> dict:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidJson(f"the body is not valid JSON: {exc}", field="body") from None
+    except (ValueError, RecursionError):  # a number over 4300 digits, or nesting deeper than the parser goes
+        raise InvalidJson("the body is not usable JSON: a number is too long or the nesting too deep",
+                          field="body") from None
     if not isinstance(data, dict):
         raise InvalidRequest("the body must be a JSON object", field="body")
     return data
