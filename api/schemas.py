@@ -30,6 +30,10 @@ class GenerateRequest(BaseModel):
             raise ValueError("prompt must not be empty")
         if "\x00" in value:
             raise ValueError("prompt must not contain NUL characters")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800") would fail in the tokenizer, as a GPU failure
+            raise ValueError("prompt must be valid Unicode text (no lone surrogates)") from None
         return value
 
     @field_validator("width", "height")
