@@ -42,9 +42,14 @@ class OpenAIImageRequest(BaseModel):
         if value is None or value == "auto":
             return None
         w, sep, h = value.lower().partition("x")
-        if not sep or not w.isdigit() or not h.isdigit():
+        if not sep or not _side_digits(w) or not _side_digits(h):
             raise ValueError('must look like "1024x1024"')
         return value
+
+
+def _side_digits(text: str) -> bool:
+    # str.isdigit() alone takes "²" and 5000-digit strings, on which int() raises (an unhandled 500)
+    return text.isascii() and text.isdigit() and len(text) <= 6
 
 
 router = APIRouter()
