@@ -202,22 +202,29 @@ def materialize(module: torch.nn.Module, device: torch.device, dtype: torch.dtyp
             elif buf.device != device:
                 mod.register_buffer(b_name, buf.to(device))
 
-    seen: set[int] = set()
-
-    def walk(mod: torch.nn.Module, prefix: str) -> None:
-        fill(mod, prefix)
-        for child_name, child in list(mod.named_children()):
-            if id(child) in seen:
-                continue
-            seen.add(id(child))
-            full = f"{prefix}{child_name}"
-            walk(child, full + ".")
-            if replace_linear is not None and type(child) is torch.nn.Linear:
-                new = replace_linear(full, child)
-                if new is not None:
-                    setattr(mod, child_name, new)
-
-    walk(module, "")
+    # Depth-first, children before the parent's swap; iterative, so no closure cycle keeps tensors alive.
+    seen: set[int] = {id(module)}
+    stack: list[tuple[torch.nn.Module, str, torch.nn.Module | None, str, bool]] = [(module, "", None, "", False)]
+    while stack:
+        mod, prefix, parent, attr, expanded = stack.pop()
+        if not expanded:
+            fill(mod, prefix)
+            stack.append((mod, prefix, parent, attr, True))
+            for child_name, child in reversed(list(mod.named_children())):
+                if id(child) not in seen:
+                    seen.add(id(child))
+                    stack.append((child, f"{prefix}{child_name}.", mod, child_name, False))
+            continue
+        if replace_linear is not None and parent is not None and type(mod) is torch.nn.Linear:
+            new = replace_linear(prefix[:-1], mod)
+            if new is not None:
+                setattr(parent, attr, new)
+                # drop the full-precision tensors now: peak memory is one layer, not the whole model
+                for key in [k for k, v in made.items() if v is mod.weight or v is mod.bias]:
+                    del made[key]
+                mod.weight = None
+                mod.bias = None
+    made.clear()
     return module
 
 

@@ -60,7 +60,9 @@ def make_int8_linear(linear: torch.nn.Linear, device: torch.device, dtype: torch
     layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                 has_fp16_weights=False, threshold=6.0, device="meta")
     weight = bnb.nn.Int8Params(linear.weight.data.to(dtype), requires_grad=False, has_fp16_weights=False)
-    layer.weight = weight.to(device)
+    # Int8Params.to() only quantizes on a move out of host memory; a synthetic weight drawn on the GPU is
+    # already there, so quantize explicitly (the same call .to() makes).
+    layer.weight = weight._quantize(device)
     if linear.bias is not None:
         layer.bias = torch.nn.Parameter(linear.bias.data.to(device=device, dtype=dtype), requires_grad=False)
     return layer
