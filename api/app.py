@@ -31,7 +31,7 @@ def build_engine(settings: Settings) -> FluxEngine:
         model=settings.model, precision=settings.precision, device=settings.device, compile=settings.compile,
         prompt_cache_size=settings.prompt_cache_size, warmup_sizes=settings.warmup_size_list,
         warmup_steps=settings.warmup_steps, fp4_quant_type=settings.fp4_quant_type,
-        compile_cache_dir=settings.compile_cache_dir,
+        compile_cache_dir=settings.compile_cache_dir, fuse_qkv=settings.fuse_qkv,
     ))
 
 

@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     warmup_sizes: str = Field("512x512", description="comma-separated WxH sizes rendered before /health is ready")
     warmup_steps: int = 2
     fp4_quant_type: Literal["fp4", "nf4"] = "fp4"
+    fuse_qkv: bool = Field(False, description="fuse q/k/v projections (bf16/fp8); lossless, no measured gain")
     prompt_cache_size: int = Field(64, ge=0, description="prompt embeddings kept on the device (LRU)")
 
     # network
