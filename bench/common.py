@@ -169,6 +169,18 @@ class Nvml:
             return None
 
 
+def sig(value: float, digits: int = 4) -> float:
+    """Rounded to significant digits: TFLOP/s of a CPU run stay readable instead of becoming 0.0."""
+    return float(f"{value:.{digits}g}")
+
+
+def fmt_rate(value, empty: str = "-") -> str:
+    """A rate for a table: one decimal from 10 up, more below, so small figures do not print as 0.0."""
+    if value is None:
+        return empty
+    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3g}"
+
+
 def fmt(value, digits: int = 2, empty: str = "-") -> str:
     """A table cell: numbers rounded, None as a dash."""
     if value is None:

@@ -30,7 +30,7 @@ import tempfile
 import httpx
 
 from bench import flops, report
-from bench.common import PEAK_BF16_TFLOPS, Nvml, load_result, run_header, write_result
+from bench.common import PEAK_BF16_TFLOPS, Nvml, load_result, run_header, sig, write_result
 from bench.load import RequestFactory, closed_loop, level_summary, open_loop
 from bench.stack import Stack, StackError, default_stop_command, smoke_worker
 
@@ -191,7 +191,7 @@ def add_derived(result: dict, args) -> None:
     best_one = max((lvl["img_per_s"] for lvl in result["levels"] if lvl["gpus"] == 1), default=0.0)
     for lvl in result["levels"]:
         per_gpu = lvl["img_per_s"] / lvl["gpus"]
-        lvl["tflops_per_gpu"] = round(per_gpu * flop / 1e12, 2) if flop else None
+        lvl["tflops_per_gpu"] = sig(per_gpu * flop / 1e12) if flop else None
         lvl["pct_peak"] = round(100 * lvl["tflops_per_gpu"] / args.peak_tflops, 1) if flop and result["gpu_run"] else None
         lvl["e2e_raw_ratio"] = round(per_gpu / base["bs1_img_per_s"], 4) if base.get("bs1_img_per_s") else None
         lvl["vs_best_batch"] = round(per_gpu / base["best_img_per_s"], 4) if base.get("best_img_per_s") else None

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 
 from bench import flops, report
-from bench.common import GIB, MIB, PEAK_BF16_TFLOPS, Nvml, run_header, summarize, write_result
+from bench.common import GIB, MIB, PEAK_BF16_TFLOPS, Nvml, run_header, sig, summarize, write_result
 
 log = logging.getLogger("bench.raw")
 
@@ -229,9 +229,9 @@ def measure_case(engine, dev: Device, case: Case, args, prompts: Prompts, shape)
         "times_s": [round(t, 4) for t in times], "median_s": round(median, 4), "min_s": round(stats["min"], 4),
         "mean_s": round(stats["mean"], 4), "stdev_s": round(stats["stdev"], 4),
         "s_per_img": round(median / case.batch, 4), "img_per_s": round(case.batch / median, 4),
-        "tflop_per_img": round(flop_image / 1e12, 3), "tflops": round(tflops, 2),
+        "tflop_per_img": sig(flop_image / 1e12), "tflops": sig(tflops),
         "pct_peak": round(100 * tflops / args.peak_tflops, 1) if dev.cuda else None,
-        "limit_s_per_img": round(limit_s, 4), "x_limit": round(median / case.batch / limit_s, 2) if dev.cuda else None,
+        "limit_s_per_img": sig(limit_s), "x_limit": round(median / case.batch / limit_s, 2) if dev.cuda else None,
         "memory": memory,
         "peak_gib": round(memory["peak_allocated_mib"] * MIB / GIB, 2) if memory else None,
     }
@@ -247,7 +247,7 @@ def measure_case(engine, dev: Device, case: Case, args, prompts: Prompts, shape)
         row["phases"] = phases.breakdown(time.perf_counter() - started)
         denoise = row["phases"]["denoise"]
         if denoise:
-            row["phases"]["denoise_tflops"] = round(flop_image * case.batch / denoise / 1e12, 2)
+            row["phases"]["denoise_tflops"] = sig(flop_image * case.batch / denoise / 1e12)
     if args.torch_profile:
         from bench.phases import torch_profile
 
@@ -271,7 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     config = engine_config(args)
     engine = FluxEngine(config)
     started = time.perf_counter()
-    info = engine.load()
+    try:
+        info = engine.load()
+    except Exception as exc:  # fp8 on a GPU without it, a missing package: say so in the result too
+        log.exception("loading %s failed", args.model)
+        result.update({"config": {"model": args.model, "precision": args.precision, "compile": args.compile},
+                       "results": [], "errors": [{"case": "load", "error": f"{type(exc).__name__}: {str(exc)[:300]}"}]})
+        print(f"\nresult: {write_result(result, args.out_dir, args.json)}")
+        return 1
     dev = Device(torch, engine.device)
     dev.sync()
     load_s = time.perf_counter() - started
@@ -298,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     })
     print(f"loaded {args.model} ({args.precision}{', compiled' if info.compiled else ''}) on {info.device_name} "
           f"in {load_s:.1f} s", flush=True)
+    if args.max_resident_gib is not None and result["resident_gib"] is not None:
+        result["checks"] = {"max_resident_gib": args.max_resident_gib,
+                            "resident_ok": result["resident_gib"] <= args.max_resident_gib}
     prompts = Prompts(args.same_prompt)
     for case in args.case:
         label = f"{case.width}x{case.height}:{case.steps or info.default_steps}:{case.batch}"
@@ -309,11 +319,9 @@ def main(argv: list[str] | None = None) -> int:
             engine.release_memory()
             continue
         result["results"].append(row)
+        write_result(result, args.out_dir, args.json)  # a run stopped later still leaves these figures
         print(f"  {label}: median {row['median_s']:.3f} s, {row['img_per_s']:.3f} img/s, "
               f"{row['tflops']:.1f} TFLOP/s", flush=True)
-    if args.max_resident_gib is not None and result["resident_gib"] is not None:
-        result["checks"] = {"max_resident_gib": args.max_resident_gib,
-                            "resident_ok": result["resident_gib"] <= args.max_resident_gib}
     path = write_result(result, args.out_dir, args.json)
     print(f"\nresult: {path}\n")
     print(report.render(result))

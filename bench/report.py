@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from bench.common import fmt
+from bench.common import fmt, fmt_rate
 
 Table = tuple[str, list[str], list[list[str]]]  # title, headers, rows
 
@@ -44,8 +44,8 @@ def raw_tables(result: dict) -> list[Table]:
     rows = []
     for r in result.get("results", []):
         rows.append([f"{r['width']}x{r['height']}/{r['steps']}", str(r["batch"]), fmt(r["median_s"], 3),
-                     fmt(r["s_per_img"], 3), fmt(r["img_per_s"], 3), fmt(r["tflops"], 1), fmt(r["pct_peak"], 1),
-                     fmt(r["limit_s_per_img"], 3), fmt(r["x_limit"]), fmt(r["peak_gib"]),
+                     fmt(r["s_per_img"], 3), fmt(r["img_per_s"], 3), fmt_rate(r["tflops"]), fmt(r["pct_peak"], 1),
+                     fmt_rate(r["limit_s_per_img"]), fmt(r["x_limit"]), fmt(r["peak_gib"]),
                      fmt(r["warmup_s"][0] if r["warmup_s"] else None, 1)])
     tables: list[Table] = [("", headers, rows)]
     profiled = [r for r in result.get("results", []) if r.get("phases")]
@@ -59,7 +59,7 @@ def raw_tables(result: dict) -> list[Table]:
             p_rows.append([f"{r['width']}x{r['height']}/{r['steps']}", str(r["batch"]), fmt(ph["total"], 3),
                            fmt(ph["text_encode"], 3), fmt(ph["denoise"], 3),
                            fmt(per_step * 1000 if per_step else None, 1), fmt(ph["vae_decode"], 3),
-                           fmt(ph["postprocess"], 3), fmt(ph["other"], 3), fmt(ph.get("denoise_tflops"), 1)])
+                           fmt(ph["postprocess"], 3), fmt(ph["other"], 3), fmt_rate(ph.get("denoise_tflops"))])
         tables.append(("where the time goes (one extra call, synchronized at each phase)", p_headers, p_rows))
     return tables
 
@@ -80,7 +80,7 @@ def http_tables(result: dict) -> list[Table]:
         rows.append([str(lvl.get("gpus", 1)), lvl["load"], str(lvl["ok"]), str(lvl["errors_total"]),
                      fmt(lvl["img_per_s"], 3), fmt(lvl["s_per_img"], 3), fmt(lat.get("p50"), 3),
                      fmt(lat.get("p95"), 3), fmt(lat.get("p99"), 3), fmt(lvl.get("queue_ms_p50"), 0),
-                     fmt(lvl.get("generate_ms_p50"), 0), fmt(lvl.get("tflops_per_gpu"), 1),
+                     fmt(lvl.get("generate_ms_p50"), 0), fmt_rate(lvl.get("tflops_per_gpu")),
                      fmt(lvl.get("pct_peak"), 1), fmt(lvl.get("e2e_raw_ratio"), 3),
                      fmt(lvl.get("vs_best_batch"), 3), fmt(lvl.get("scaling_efficiency"), 3)])
     tables: list[Table] = [("", headers, rows)]
