@@ -66,7 +66,8 @@ def safe_name(text: str) -> str:
 
 def write_result(result: dict, out_dir: str | os.PathLike | None = None, path: str | None = None) -> Path:
     """Writes `<out_dir>/<name>-<stamp>.json` (or `path`) atomically and returns where."""
-    target = Path(path) if path else Path(out_dir or RESULTS_DIR) / f"{safe_name(result['name'])}-{result['stamp']}.json"
+    name = f"{safe_name(result['name'])}-{result['stamp']}.json"
+    target = Path(path) if path else Path(out_dir or RESULTS_DIR) / name
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")

@@ -13,8 +13,10 @@
 #   raw-bf16-compile     bf16 + compile_repeated_blocks, 1024²/28
 #   raw-schnell-compile  dummy:flux.1-schnell, bf16 + compile, 1024²/4
 #   http-bf16            one bf16 worker behind nginx (start_multi_gpu.sh), 1024²/28, concurrency 1 and 2,
-#                        e2e/raw against raw-bf16; without nginx/curl/ps a worker is benchmarked directly
+#                        e2e/raw against the raw row of the same settings; without nginx, curl or ps (or
+#                        when start_multi_gpu.sh fails) one worker is benchmarked directly (http-bf16-direct)
 #   raw-fp8-compile      torchao fp8 (row-wise) + compile, 1024²/28; skipped when float8 cannot run here
+#   http-bf16-direct     not in the default set: http-bf16 against one worker without nginx (the proxy's cost)
 #   http-scaling         not in the default set: 1, 2, 4... bf16 workers through nginx, scaling efficiency
 #
 # Environment:
@@ -26,6 +28,8 @@
 #   PROFILE            1: one extra call per raw case timed phase by phase (default 1)
 #   HTTP_REQUESTS      measured requests per HTTP level, per GPU (default 4)
 #   HTTP_CONCURRENCY   closed-loop levels of http-bf16 (default 1,2); http-scaling uses 2 per GPU
+#   HTTP_COMPILE       1: the HTTP workers compile (FLUX_COMPILE; their warm-up reuses the inductor cache of
+#                      raw-bf16-compile) and are compared with that raw row; default 0, eager, vs raw-bf16
 #   SCALING_GPUS       GPU counts of http-scaling (default 1,2,4,8 up to the GPUs present)
 #   PYTHON             interpreter (default python3)
 #   SUITE_DEVICE       cuda (default) or cpu; with SUITE_MODEL_DEV=dummy:tiny SUITE_MODEL_SCHNELL=dummy:tiny
@@ -59,6 +63,7 @@ WARMUPS="${WARMUPS:-1}"
 PROFILE="${PROFILE:-1}"
 HTTP_REQUESTS="${HTTP_REQUESTS:-4}"
 HTTP_CONCURRENCY="${HTTP_CONCURRENCY:-1,2}"
+HTTP_COMPILE="${HTTP_COMPILE:-0}"
 SCALING_GPUS="${SCALING_GPUS:-}"
 PYTHON="${PYTHON:-python3}"
 
@@ -202,7 +207,9 @@ stack_env() {
     printf '%q ' "FLUX_PYTHON=$python_bin" "FLUX_MODEL=$MODEL_DEV" "FLUX_DEVICE=$SUITE_DEVICE" \
         FLUX_WARMUP_SIZES=1024x1024 FLUX_WARMUP_STEPS=2 FLUX_MAX_CONCURRENT=2 \
         "BASE_PORT=$BASE_PORT" "NGINX_PORT=$NGINX_PORT" "FLUX_RUN_DIR=$WORK/run" "FLUX_LOG_DIR=$WORK/logs" \
-        "NGINX_LOG_DIR=$WORK/logs/nginx" "FLUX_OUTPUT_DIR=$WORK/outputs" "FLUX_HEALTH_TIMEOUT=$(left)" "$@"
+        "NGINX_LOG_DIR=$WORK/logs/nginx" "FLUX_OUTPUT_DIR=$WORK/outputs" "FLUX_HEALTH_TIMEOUT=$(left)" \
+        "FLUX_COMPILE=$HTTP_COMPILE" "FLUX_COMPILE_CACHE_DIR=$WORK/inductor" FLUX_DRAIN_TIMEOUT=5 \
+        FLUX_STOP_TIMEOUT=15 "$@"
 }
 
 # Whatever happened to the bench program, no worker may keep a GPU busy for the next item.
@@ -221,13 +228,15 @@ stop_direct_worker() {
     kill -KILL "$pid" 2>/dev/null || true
 }
 
+# The suite file holds every raw result so far; bench.http picks the row of the same size, steps,
+# precision and compile setting as the worker.
 http_baseline_args() {
     HTTP_BASELINE=()
-    [[ -f "$WORK/items/raw-bf16.json" ]] && HTTP_BASELINE=(--raw-baseline "$WORK/items/raw-bf16.json")
+    [[ -f "$SUITE_JSON" ]] && HTTP_BASELINE=(--raw-baseline "$SUITE_JSON")
 }
 
 item_http_bf16() {
-    local common direct_cmd python_bin
+    local common
     http_baseline_args
     common=(--width 1024 --height 1024 --steps 28 --concurrency "$HTTP_CONCURRENCY" --requests "$HTTP_REQUESTS"
         --warmup 1 --ready-timeout "$(left)" "${HTTP_BASELINE[@]}")
@@ -241,10 +250,20 @@ item_http_bf16() {
     else
         info "http-bf16: start_multi_gpu.sh cannot run here ($STACK_WHY); benchmarking one worker without nginx"
     fi
+    item_http_bf16_direct
+}
+
+# One worker started here, no nginx: the fallback of http-bf16, and with it the cost of the proxy.
+item_http_bf16_direct() {
+    local common direct_cmd python_bin
+    http_baseline_args
+    common=(--width 1024 --height 1024 --steps 28 --concurrency "$HTTP_CONCURRENCY" --requests "$HTTP_REQUESTS"
+        --warmup 1 --ready-timeout "$(left)" "${HTTP_BASELINE[@]}")
     python_bin="$(command -v "$PYTHON")"
     direct_cmd="echo \$\$ >$(printf '%q' "$WORK/run/direct.pid"); exec env $(printf '%q ' \
         "FLUX_MODEL=$MODEL_DEV" "FLUX_DEVICE=$SUITE_DEVICE" FLUX_WARMUP_SIZES=1024x1024 FLUX_WARMUP_STEPS=2 \
         FLUX_MAX_CONCURRENT=2 "FLUX_PORT=$DIRECT_PORT" "BF16_API_PORT=$DIRECT_PORT" "FLUX_OUTPUT_DIR=$WORK/outputs" \
+        "FLUX_COMPILE=$HTTP_COMPILE" "FLUX_COMPILE_CACHE_DIR=$WORK/inductor" FLUX_DRAIN_TIMEOUT=5 \
         FLUX_GPU_INDEX=0 "$python_bin") main_bf16.py >>$(printf '%q' "$WORK/logs/direct_worker.log") 2>&1"
     run_bench http-bf16-direct 100 "$PYTHON" -m bench.http --url "http://127.0.0.1:$DIRECT_PORT" \
         --start "$direct_cmd" --stop "" --stack-log "$WORK/logs/stack.log" "${common[@]}"
@@ -287,6 +306,7 @@ main() {
             raw-schnell-compile) item_raw_schnell_compile ;;
             raw-fp8-compile) item_raw_fp8_compile ;;
             http-bf16) item_http_bf16 ;;
+            http-bf16-direct) item_http_bf16_direct ;;
             http-scaling) item_http_scaling ;;
             *) info "unknown item '$item' (see the header of $0)"; record "$item" failed 0 - "unknown item" ;;
         esac

@@ -70,7 +70,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--gpus", type=number_list(int), help="sweep: start the service with NUM_GPUS=N for each N")
     p.add_argument("--scale-concurrency", action=argparse.BooleanOptionalAction, default=True,
                    help="in a --gpus sweep, multiply concurrency, rate and requests by N (default on)")
-    p.add_argument("--num-gpus", type=int, default=1, help="GPUs behind --url when nothing is started (for per-GPU figures)")
+    p.add_argument("--num-gpus", type=int, default=1,
+                   help="GPUs behind --url when nothing is started (for per-GPU figures)")
     p.add_argument("--peak-tflops", type=float, default=PEAK_BF16_TFLOPS)
     p.add_argument("--name", help="result name (default http-<model>-<W>x<H>)")
     p.add_argument("--out-dir", help="folder of the JSON result (default bench/results)")
@@ -192,7 +193,8 @@ def add_derived(result: dict, args) -> None:
     for lvl in result["levels"]:
         per_gpu = lvl["img_per_s"] / lvl["gpus"]
         lvl["tflops_per_gpu"] = sig(per_gpu * flop / 1e12) if flop else None
-        lvl["pct_peak"] = round(100 * lvl["tflops_per_gpu"] / args.peak_tflops, 1) if flop and result["gpu_run"] else None
+        on_gpu = flop and result["gpu_run"]
+        lvl["pct_peak"] = round(100 * lvl["tflops_per_gpu"] / args.peak_tflops, 1) if on_gpu else None
         lvl["e2e_raw_ratio"] = round(per_gpu / base["bs1_img_per_s"], 4) if base.get("bs1_img_per_s") else None
         lvl["vs_best_batch"] = round(per_gpu / base["best_img_per_s"], 4) if base.get("best_img_per_s") else None
         lvl["scaling_efficiency"] = (round(lvl["img_per_s"] / (lvl["gpus"] * best_one), 4)

@@ -10,8 +10,11 @@ import importlib
 import sys
 
 # Modules the worker and the benchmarks import; a missing one fails the start, so say so up front.
+# The second line names what fastapi, uvicorn and pydantic-settings import in turn, which wheels fetched with
+# --no-deps leave out.
 REQUIRED = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "sentencepiece", "PIL", "fastapi",
-            "starlette", "uvicorn", "pydantic", "pydantic_settings", "httpx", "prometheus_client")
+            "starlette", "uvicorn", "pydantic", "pydantic_settings", "httpx", "prometheus_client",
+            "annotated_doc", "opentelemetry.trace", "click", "h11", "dotenv", "anyio")
 OPTIONAL = ("bitsandbytes", "torchao", "pynvml")
 
 
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ok, why = fp8_status()
     print(f"fp8: {'yes' if ok else 'no'} ({why})")
     if missing:
-        print(f"missing modules: {' '.join(missing)} (carry their wheels: ../shared/tools/device-wheels.sh)")
+        print(f"missing modules: {' '.join(missing)} (carry their wheels: ../shared/tools/device-wheels.sh NAME...)")
     return 1 if missing else 0
 
 

@@ -148,11 +148,11 @@ class Prompts:
         self.counter = 0
 
     def take(self, n: int) -> list[str]:
+        # Short enough for dummy:tiny's 64-token limit; every model pads to its max_sequence_length anyway.
         if self.same:
-            return ["a red fox in fresh snow, morning light, photograph"] * n
+            return ["a red fox in fresh snow at dawn, photo"] * n
         self.counter += n
-        return [f"a red fox in fresh snow, morning light, photograph, variation {self.counter - n + i}"
-                for i in range(n)]
+        return [f"a red fox in fresh snow at dawn, photo {self.counter - n + i}" for i in range(n)]
 
 
 class Device:
