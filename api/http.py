@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 from api.errors import (ApiError, Conflict, Draining, InvalidJson, InvalidRequest, NotReady, PayloadTooLarge,
                         Timeout, UnsupportedMediaType)
 from api.queue import Job, JobStatus
-from api.schemas import MAX_SEED, GenerateRequest
+from api.schemas import MAX_PIXELS, MAX_SEED, GenerateRequest
 from models.flux import ImageSpec
 
 JSON_TYPES = ("application/json",)
@@ -67,6 +67,9 @@ def parse_model(model: type[BaseModel], data: dict) -> BaseModel:
 
 def parse_generate(data: dict, max_prompt_chars: int) -> GenerateRequest:
     req = parse_model(GenerateRequest, data)
+    if req.width * req.height > MAX_PIXELS:
+        raise InvalidRequest(f"width: width x height must be at most {MAX_PIXELS:,} pixels (4 megapixels)",
+                             field="width")
     if len(req.prompt) > max_prompt_chars:
         raise InvalidRequest(f"prompt: at most {max_prompt_chars} characters", field="prompt")
     return req

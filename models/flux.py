@@ -145,6 +145,7 @@ class FluxEngine:
             synthetic = False
         if cfg.fuse_qkv and cfg.precision != "fp4":
             fuse_qkv(pipe.transformer)
+            pipe.transformer.eval().requires_grad_(False)  # the fused layers are created in train mode
             self.release_memory()  # the unfused weights sit in reference cycles until collected
         if cfg.precision == "fp8":
             prec.apply_fp8(pipe.transformer)

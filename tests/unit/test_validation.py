@@ -45,6 +45,7 @@ BAD_FIELDS = [
     ("negative-width", with_fields(width=-512), "width"),
     ("huge-width", with_fields(width=4096), "width"),
     ("height-over-2048", with_fields(width=2048, height=2064), "height"),
+    ("over-4-megapixels", with_fields(width=2048, height=2048), "width"),
     ("negative-seed", with_fields(seed=-1), "seed"),
     ("seed-over-32-bits", with_fields(seed=2**32), "seed"),
     ("huge-seed", with_fields(seed=10**40), "seed"),
