@@ -132,14 +132,16 @@ class Nvml:
         except Exception:
             return None
 
-    def process_used_mib(self, pid: int, index: int | None = None, pci_bus_id: str | None = None) -> float | None:
-        """Memory NVML charges to one process (None inside pid namespaces where it cannot be matched)."""
+    def process_used_mib(self, pid: int) -> float | None:
+        """Memory NVML charges to one process on any GPU (None where pid namespaces hide it)."""
         if not self.ok:
             return None
         try:
-            for proc in self.nv.nvmlDeviceGetComputeRunningProcesses(self._handle(index, pci_bus_id)):
-                if proc.pid == pid and proc.usedGpuMemory is not None:
-                    return round(proc.usedGpuMemory / MIB, 1)
+            for i in range(self.nv.nvmlDeviceGetCount()):
+                handle = self.nv.nvmlDeviceGetHandleByIndex(i)
+                for proc in self.nv.nvmlDeviceGetComputeRunningProcesses(handle):
+                    if proc.pid == pid and proc.usedGpuMemory is not None:
+                        return round(proc.usedGpuMemory / MIB, 1)
         except Exception:
             pass
         return None

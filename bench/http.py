@@ -25,6 +25,7 @@ if not __package__:  # as a script, bench/ would come first on sys.path and shad
 
 import argparse
 import asyncio
+import signal
 import tempfile
 
 import httpx
@@ -211,6 +212,8 @@ def add_derived(result: dict, args) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    # SIGTERM (a time limit) unwinds like an exception, so a started service is still stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     name = args.name or f"http-{args.width}x{args.height}"
     result = run_header("bench.http", name, "bench.http", argv)
     tmp = tempfile.TemporaryDirectory(prefix="bench-http-") if args.smoke else None

@@ -167,7 +167,7 @@ class Device:
         if self.cuda:
             props = torch.cuda.get_device_properties(device)
             if hasattr(props, "pci_bus_id"):
-                self.pci_bus_id = (f"{getattr(props, 'pci_domain_id', 0):08X}:{props.pci_bus_id:02X}:"
+                self.pci_bus_id = (f"{getattr(props, 'pci_domain_id', 0):04X}:{props.pci_bus_id:02X}:"
                                    f"{getattr(props, 'pci_device_id', 0):02X}.0")
 
     def sync(self) -> None:
@@ -182,14 +182,17 @@ class Device:
         if not self.cuda:
             return {}
         cuda = self.torch.cuda
-        used = self.nvml.used_mib(pci_bus_id=self.pci_bus_id) if self.pci_bus_id else self.nvml.used_mib(0)
+        used = self.nvml.used_mib(pci_bus_id=self.pci_bus_id) if self.pci_bus_id else None
+        if used is None:  # no PCI id from torch: the first visible GPU's physical number
+            first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+            used = self.nvml.used_mib(int(first) if first.isdigit() else 0)
         return {
             "allocated_mib": round(cuda.memory_allocated(self.device) / MIB, 1),
             "reserved_mib": round(cuda.memory_reserved(self.device) / MIB, 1),
             "peak_allocated_mib": round(cuda.max_memory_allocated(self.device) / MIB, 1),
             "peak_reserved_mib": round(cuda.max_memory_reserved(self.device) / MIB, 1),
             "nvml_used_mib": used,
-            "nvml_process_mib": self.nvml.process_used_mib(os.getpid(), pci_bus_id=self.pci_bus_id),
+            "nvml_process_mib": self.nvml.process_used_mib(os.getpid()),
         }
 
 
