@@ -82,13 +82,11 @@ resolve_python() {
         [[ -f "$FLUX_PROJECT_DIR/requirements.txt" ]] || fatal "no requirements.txt in $FLUX_PROJECT_DIR"
         info "First run: creating .venv and installing requirements.txt (several minutes; log: $LOG_DIR/setup.log)"
         mkdir -p "$LOG_DIR"
-        python3 -m venv "$FLUX_PROJECT_DIR/.venv" >>"$LOG_DIR/setup.log" 2>&1 ||
-            fatal "python3 -m venv failed (apt-get install python3-venv?); see $LOG_DIR/setup.log"
-        if ! "$FLUX_PROJECT_DIR/.venv/bin/pip" install -r "$FLUX_PROJECT_DIR/requirements.txt" \
+        if ! "$FLUX_PROJECT_DIR/scripts/setup_venv.sh" "$FLUX_PROJECT_DIR/requirements.txt" \
             >>"$LOG_DIR/setup.log" 2>&1; then
             tail -n 20 "$LOG_DIR/setup.log" >&2
             rm -rf "$FLUX_PROJECT_DIR/.venv"
-            fatal "pip install -r requirements.txt failed; full log: $LOG_DIR/setup.log"
+            fatal "setting up .venv failed; full log: $LOG_DIR/setup.log"
         fi
         PYTHON="$FLUX_PROJECT_DIR/.venv/bin/python"
     fi
