@@ -7,6 +7,7 @@ FP4_API_PORT / BF16_API_PORT / FP8_API_PORT (FLUX_PORT is accepted for any preci
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field, field_validator
@@ -25,9 +26,12 @@ class Settings(BaseSettings):
     device: Literal["auto", "cuda", "cpu"] = "auto"
     gpu_index: int | None = Field(None, description="physical GPU number shown in responses; default: the first "
                                   "entry of CUDA_VISIBLE_DEVICES")
-    compile: bool = Field(False, description="torch.compile the repeated transformer blocks (GPU only)")
-    compile_cache_dir: str | None = Field(None, description="persistent inductor cache, so restarts skip compiling")
-    warmup_sizes: str = Field("512x512", description="comma-separated WxH sizes rendered before /health is ready")
+    compile: bool = Field(True, description="torch.compile the repeated transformer blocks (GPU only; lossless, "
+                          "measured 25-30% faster on H100)")
+    compile_cache_dir: str = Field(str(Path.home() / ".cache" / "flux-api" / "inductor"),
+                                   description="persistent inductor cache, so restarts skip compiling")
+    warmup_sizes: str = Field("auto", description="comma-separated WxH sizes rendered (and compiled) before /health "
+                              "is ready; auto: 1024x1024,512x512 on a GPU, 512x512 on a CPU")
     warmup_steps: int = 2
     fp4_quant_type: Literal["fp4", "nf4"] = "fp4"
     fuse_qkv: bool = Field(False, description="fuse q/k/v projections (bf16/fp8); lossless, no measured gain")
@@ -77,7 +81,9 @@ class Settings(BaseSettings):
         return self.worker_id or str(self.port)
 
     @property
-    def warmup_size_list(self) -> list[tuple[int, int]]:
+    def warmup_size_list(self) -> list[tuple[int, int]] | None:
+        if self.warmup_sizes.strip().lower() == "auto":
+            return None
         sizes = []
         for item in filter(None, (s.strip() for s in self.warmup_sizes.split(","))):
             w, _, h = item.lower().partition("x")

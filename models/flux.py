@@ -50,7 +50,7 @@ class EngineConfig:
     device: str = "auto"
     compile: bool = False
     prompt_cache_size: int = 64
-    warmup_sizes: Sequence[tuple[int, int]] = ((512, 512),)
+    warmup_sizes: Sequence[tuple[int, int]] | None = None  # None: 1024² and 512² on a GPU, 512² on a CPU
     warmup_steps: int = 2
     fp4_quant_type: str = "fp4"
     compile_cache_dir: str | None = None
@@ -201,7 +201,10 @@ class FluxEngine:
     def warmup(self) -> float:
         """One small generation per configured size, so the first request pays no compile or allocator cost."""
         started = time.perf_counter()
-        for width, height in self.config.warmup_sizes:
+        sizes = self.config.warmup_sizes
+        if sizes is None:
+            sizes = ((1024, 1024), (512, 512)) if self.device.type == "cuda" else ((512, 512),)
+        for width, height in sizes:
             spec = ImageSpec(prompt="warm-up", seed=0, width=width, height=height,
                              steps=max(1, self.config.warmup_steps), guidance=self.info.default_guidance)
             self.generate([spec])
