@@ -9,8 +9,7 @@ import uuid
 
 import pytest
 
-from tests.production.conftest import (LONG_JOB, QUICK_JOB, assert_error, job_state, submit_job, wait_job,
-                                       wait_until)
+from tests.production.conftest import LONG_JOB, QUICK_JOB, assert_error, submit_job, wait_job, wait_until
 
 
 def key() -> str:
