@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 import openai
+import psutil
 import pytest
 
 from tests.production.conftest import QUICK_JOB, Worker, assert_error, start_all
@@ -108,3 +109,10 @@ def test_openai_client_sends_its_key_as_bearer(keyed: Worker):
     with pytest.raises(openai.AuthenticationError) as err:
         bad.images.generate(model="flux", prompt="keyed", size="256x256")
     assert err.value.status_code == 401
+
+
+def test_workers_listen_on_loopback_only(keyed: Worker):
+    """nginx is the only public door: a worker binds 127.0.0.1 unless FLUX_HOST says otherwise."""
+    listening = [c.laddr for c in psutil.Process(keyed.pid).net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN]
+    assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
