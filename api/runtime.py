@@ -24,7 +24,7 @@ class Runtime:
     def __init__(self, settings: Settings, engine):
         self.settings = settings
         self.engine = engine
-        self.store = ImageStore(settings.output_dir)
+        self.store = ImageStore(settings.output_dir, settings.png_compress_level)
         self.queue = None
         self.info = None
         self.failure: str | None = None

@@ -77,9 +77,9 @@ scaling() {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia-smi.txt"
     local stack="FLUX_MODEL=$MODEL FLUX_COMPILE=${SCALING_COMPILE:-0} FLUX_WARMUP_SIZES=512x512"
     stack+=" FLUX_DRAIN_TIMEOUT=5 FLUX_LOG_DIR=$OUT/logs FLUX_RUN_DIR=/tmp/flux-run BASE_PORT=8100 NGINX_PORT=8180"
-    ITEM_TIMEOUT=560 TAIL=40 item scaling "$PY" -m bench.http --url "$URL" \
+    ITEM_TIMEOUT="${SCALING_TIMEOUT:-560}" TAIL=40 item scaling "$PY" -m bench.http --url "$URL" \
         --start "$stack ./start_multi_gpu.sh start -m bf16" --stop "$stack ./start_multi_gpu.sh stop" \
-        --gpus "${SCALING_GPUS:-1,2,4}" --concurrency 2 --requests 8 --warmup -1 \
+        --gpus "${SCALING_GPUS:-1,2,4}" --concurrency 2 --requests "${SCALING_REQUESTS:-8}" --warmup -1 \
         --width 512 --height 512 --steps 28 --json "$OUT/scaling.json"
 }
 
