@@ -1,13 +1,5 @@
-"""Queue knobs of the FP8 workers (main_fp8.py).
+"""Queue knobs of the FP8 workers (main_fp8.py): the BF16 ones, so edit api/bf16_routes.py
+(FLUX_MAX_CONCURRENT / FLUX_MAX_QUEUE_SIZE still apply)."""
+from api.bf16_routes import make_queue_manager
 
-By default they come from the environment: FLUX_MAX_CONCURRENT (2) and FLUX_MAX_QUEUE_SIZE (100).
-To pin them in code instead, edit the QueueManager(...) call below, for example:
-    queue_manager = QueueManager(max_concurrent=3, max_queue_size=200)
-"""
-from api.queue import QueueManager
-
-
-def make_queue_manager(settings, engine, store, **options) -> QueueManager:
-    queue_manager = QueueManager(max_concurrent=settings.max_concurrent, max_queue_size=settings.max_queue_size)
-    queue_manager.attach(engine, store, **options)
-    return queue_manager
+__all__ = ["make_queue_manager"]
