@@ -267,7 +267,7 @@ def test_kill_9_under_load_fails_only_the_victims_requests_and_it_comes_back(clu
     old_pid = unit.proc.pid
     load = Load(c.url, clients=4).start()
     slow = Load(c.url, clients=0)
-    slow_body = dict(LONG_JOB, width=768, height=768, num_inference_steps=60)  # several seconds each
+    slow_body = dict(LONG_JOB, width=768, height=768, num_inference_steps=20)  # a few seconds each
     slow_threads = [threading.Thread(target=slow.send, args=(httpx.Client(base_url=c.url, timeout=120), slow_body))
                     for _ in range(NUM_WORKERS)]
     try:
@@ -279,16 +279,18 @@ def test_kill_9_under_load_fails_only_the_victims_requests_and_it_comes_back(clu
         held = httpx.get(f"{c.worker_url(victim)}/queue-stats", timeout=5).json()
         killed = time.monotonic()
         os.kill(old_pid, signal.SIGKILL)
-        time.sleep(4)  # load goes on against two workers while the victim restarts
+        # The kernel takes a moment to tear a killed process down (its memory first, then its sockets):
+        # until it is reaped, its sockets still take what nginx sends. "After the kill" starts when it is gone.
+        wait_until(lambda: unit.exited_at, 10, what="the killed worker to be reaped")
+        dead = unit.exited_at[0]
+        # load goes on against the two others (the victim is restarting) until plenty was sent since
+        wait_until(lambda: sum(r["sent"] > dead for r in load.results) >= 12, 90, 0.1,
+                   "requests sent after the kill to be answered")
     finally:
         load.stop()
         for t in slow_threads:
             t.join(120)
 
-    # The kernel takes a moment to tear a killed process down (its memory first, then its sockets): until
-    # it is reaped, its sockets still accept what nginx sends. "After the kill" starts when it is gone.
-    wait_until(lambda: unit.exited_at, 10, what="the killed worker to be reaped")
-    dead = unit.exited_at[0]
     results = load.results + slow.results
     failed = [r for r in results if r["status"] != 200]
     after_kill = [r for r in results if r["sent"] > dead]
