@@ -26,8 +26,6 @@ NUM_WORKERS = 3
 RESTART_SEC = 1  # services/flux-worker@.service says 5; shorter here only to keep the test quick
 START = ROOT / "start_multi_gpu.sh"
 
-pytestmark = pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (apt-get install nginx)")
-
 
 def free_port_block(count: int) -> int:
     for _ in range(50):
@@ -141,6 +139,8 @@ def _healthy(url: str) -> bool:
 
 @pytest.fixture(scope="module")
 def cluster(workdir):
+    if shutil.which("nginx") is None:
+        pytest.fail("nginx is not installed: apt-get install nginx (./run_tests.sh installs it)")
     c = Cluster(workdir / "cluster")
     try:
         c.start()
