@@ -359,7 +359,11 @@ EOF
     echo
 
     local limit="" read_timeout="${NGINX_READ_TIMEOUT:-600s}"
-    [[ -n "$rate" ]] && limit="limit_req zone=flux_per_key burst=${FLUX_RATE_BURST:-20} nodelay;"
+    if [[ -n "$rate" && "${FLUX_RATE_BURST:-20}" == 0 ]]; then
+        limit="limit_req zone=flux_per_key;"   # nginx refuses burst=0: no burst is written instead
+    elif [[ -n "$rate" ]]; then
+        limit="limit_req zone=flux_per_key burst=${FLUX_RATE_BURST:-20} nodelay;"
+    fi
     cat <<EOF
     server {
         listen $listen;

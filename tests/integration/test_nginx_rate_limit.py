@@ -1,0 +1,82 @@
+"""The per-key rate limit rendered by start_multi_gpu.sh, enforced by a real nginx.
+
+nginx answers 429 itself, before any worker is asked, so no worker runs here: a request that passes the
+limit reaches an empty port and comes back as nginx's own 502 JSON, which is all the test needs to tell
+the two apart.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, headers: dict[str, str]) -> tuple[int, dict, str]:
+    req = urllib.request.Request(url, data=b'{"prompt": "a cat"}', method="POST",
+                                 headers={"Content-Type": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, dict(resp.headers), resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read().decode()
+
+
+@pytest.fixture()
+def limited_nginx(tmp_path):
+    nginx_port, worker_port = _free_port(), _free_port()
+    env = {**os.environ, "NUM_GPUS": "1", "BASE_PORT": str(worker_port), "NGINX_PORT": str(nginx_port),
+           "NGINX_ADDR": "127.0.0.1", "FLUX_DEVICE": "cpu", "FLUX_RATE_LIMIT": "1r/m", "FLUX_RATE_BURST": "0",
+           "FLUX_OUTPUT_DIR": str(tmp_path / "outputs")}
+    rendered = subprocess.run([str(ROOT / "start_multi_gpu.sh"), "nginx-conf"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, check=True)
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(rendered.stdout)
+    (tmp_path / "logs").mkdir()
+    proc = subprocess.Popen(["nginx", "-p", f"{tmp_path}/", "-c", str(conf), "-g",
+                             f"daemon off; pid {tmp_path}/nginx.pid;"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", nginx_port)) == 0:
+                break
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail(f"nginx did not listen: {proc.stderr.read().decode()[-2000:]}")
+    yield f"http://127.0.0.1:{nginx_port}"
+    proc.send_signal(signal.SIGQUIT)
+    proc.wait(timeout=10)
+
+
+def test_a_key_over_its_rate_gets_429_json_and_other_keys_do_not(limited_nginx):
+    url = f"{limited_nginx}/generate"
+    first = _post(url, {"Authorization": "Bearer key-a"})
+    assert first[0] != 429, first  # within the rate: passed on (to a missing worker: 502)
+    second = _post(url, {"Authorization": "Bearer key-a"})
+    assert second[0] == 429, second
+    assert json.loads(second[2])["error"]["code"] == "rate_limited"
+    assert second[1].get("Retry-After"), second[1]
+    # every other key has a budget of its own, whichever header carries it
+    assert _post(url, {"X-API-Key": "key-b"})[0] != 429
+    assert _post(url, {"X-API-Key": "key-b"})[0] == 429
+    assert _post(url, {"Authorization": "Bearer key-c"})[0] != 429
