@@ -31,14 +31,12 @@ def job_view(rt: Runtime, request: Request, job: Job) -> dict:
     if job.status == JobStatus.queued:
         position = rt.queue.position(job)
         view["position"] = position
-        view["eta_s"] = round(rt.queue.estimated_wait_s((position or 1) - 1), 2)
+        view["eta_s"] = round(rt.queue.estimated_wait_s(job), 2)
     elif job.status == JobStatus.running:
         view["step"] = job.step
         view["total_steps"] = job.spec.steps
         view["cancelling"] = bool(job.cancel_reason)
-        per_image = rt.queue.seconds_per_image
-        if per_image:
-            view["eta_s"] = round(max(0.0, per_image * (1 - job.step / job.spec.steps)), 2)
+        view["eta_s"] = round(rt.queue.remaining_seconds(job), 2)
     elif job.status == JobStatus.succeeded:
         view["result"] = job_response(rt, request, job)
     if job.error is not None:

@@ -83,6 +83,7 @@ class Stats:
         self.generate_total_s = 0.0
         self.images_generated = 0
         self.recent_seconds_per_image: collections.deque[float] = collections.deque(maxlen=50)
+        self.recent_seconds_per_pixel_step: collections.deque[float] = collections.deque(maxlen=50)
 
 
 class QueueManager:
@@ -211,10 +212,26 @@ class QueueManager:
         except ValueError:
             return None
 
-    def estimated_wait_s(self, ahead: int | None = None) -> float:
-        """Seconds until a new job would finish, from the measured seconds per image."""
-        ahead = len(self._waiting) + len(self._running) if ahead is None else ahead
-        return (ahead + 1) * (self.seconds_per_image or 1.0)
+    def job_seconds(self, spec: ImageSpec) -> float:
+        """Expected render time of one image, scaled from the measured seconds per pixel-step, so a
+        1024²/28 job is not estimated from the 512²/4 ones that happened to run before it."""
+        rates = self.stats.recent_seconds_per_pixel_step
+        if rates:
+            return sorted(rates)[len(rates) // 2] * spec.width * spec.height * spec.steps
+        return self.seconds_per_image or 1.0
+
+    def remaining_seconds(self, job: Job) -> float:
+        return self.job_seconds(job.spec) * max(0.0, 1.0 - job.step / max(1, job.spec.steps))
+
+    def estimated_wait_s(self, job: Job | None = None) -> float:
+        """Seconds until `job` (or a job submitted now) would finish: running work left, the jobs ahead of it
+        in the queue, then its own render."""
+        ahead = list(self._waiting)
+        if job is not None and job in ahead:
+            ahead = ahead[:ahead.index(job)]
+        own = self.job_seconds(job.spec) if job is not None else (self.seconds_per_image or 1.0)
+        running = sum(self.remaining_seconds(j) for j in self._running)
+        return running + sum(self.job_seconds(j.spec) for j in ahead) + own
 
     def cancel(self, job: Job, reason: str = "client") -> bool:
         """Cancel a job: a waiting one leaves the queue at once, a running one stops at its next step."""
@@ -285,7 +302,7 @@ class QueueManager:
                 continue
             elapsed = time.monotonic() - started
             self._running = []
-            self._record_success(len(batch), elapsed)
+            self._record_success(batch, elapsed)
             for job, image in zip(batch, images):
                 job.generate_s = elapsed
                 if job.cancel_reason:
@@ -327,11 +344,14 @@ class QueueManager:
         finally:
             self._storing -= 1
 
-    def _record_success(self, images: int, elapsed: float) -> None:
+    def _record_success(self, batch: list[Job], elapsed: float) -> None:
+        images = len(batch)
         self.consecutive_failures = 0
         self.stats.generate_total_s += elapsed
         self.stats.images_generated += images
         self.stats.recent_seconds_per_image.append(elapsed / images)
+        work = sum(j.spec.width * j.spec.height * j.spec.steps for j in batch)
+        self.stats.recent_seconds_per_pixel_step.append(elapsed / work)
         self.observer("generated", {"images": images, "seconds": elapsed, "batch": images})
 
     def _fail_batch(self, batch: list[Job], exc: Exception) -> None:

@@ -155,3 +155,17 @@ async def test_unedited_routes_file_takes_the_knobs_from_settings(request, preci
     async with serve(app) as http:
         stats = await queue_stats(http)
         assert (stats["max_concurrent"], stats["max_queue_size"]) == (5, 17)
+
+
+def test_eta_scales_with_pixels_and_steps_not_with_the_last_job():
+    from api.queue import Job, QueueManager
+    from models.flux import ImageSpec
+
+    queue = QueueManager(max_concurrent=2, max_queue_size=10)
+    small = ImageSpec("a", 1, 512, 512, 4, 3.5)
+    big = ImageSpec("b", 1, 1024, 1024, 28, 3.5)
+    queue._record_success([Job(id="w-1", spec=small, deadline=0.0)], 0.5)
+    assert queue.job_seconds(small) == pytest.approx(0.5)
+    assert queue.job_seconds(big) == pytest.approx(0.5 * 4 * 7)  # 4x the pixels, 7x the steps
+    running = Job(id="w-2", spec=big, deadline=0.0, step=14)
+    assert queue.remaining_seconds(running) == pytest.approx(0.5 * 4 * 7 / 2)
