@@ -65,6 +65,9 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
             settings, rt.engine, rt.store, batch_wait_ms=settings.batch_wait_ms, job_prefix=settings.job_prefix,
             max_consecutive_failures=settings.max_consecutive_failures, observer=rt.metrics.observe)
         rt.queue.start()
+        config = getattr(rt.engine, "config", None)
+        if config is not None and hasattr(config, "warmup_batch"):
+            config.warmup_batch = rt.queue.max_concurrent  # as built, knob files included
         loader = asyncio.create_task(rt.load(), name="model-load")
         sweeper = asyncio.create_task(_sweep(rt), name="retention")
         try:

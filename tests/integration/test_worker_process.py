@@ -74,7 +74,8 @@ def start_worker(precision: str, tmp: Path) -> Worker:
         "FLUX_MODEL": "dummy:tiny",
         "FLUX_DEVICE": "cpu",
         "FLUX_OUTPUT_DIR": str(tmp / f"{precision}-images"),
-        "FLUX_WARMUP_SIZES": "512x512",
+        # a warm-up of a second or more, so that "loading" is observable between the bind and "ready"
+        "FLUX_WARMUP_SIZES": "1024x1024,512x512",
         "FLUX_WARMUP_STEPS": "2",
         "FLUX_DRAIN_TIMEOUT_S": "60",
         "HF_HUB_OFFLINE": "1",
