@@ -248,3 +248,19 @@ def test_an_unknown_synthetic_model_is_refused():
 def test_an_unknown_precision_is_refused():
     with pytest.raises(ValueError, match="precision"):
         FluxEngine(EngineConfig(model="dummy:tiny", precision="int3", device="cpu"))
+
+
+def test_warmup_renders_each_size_then_a_full_batch(bf16_engine, monkeypatch):
+    calls = []
+    real_generate = bf16_engine.generate
+
+    def recording_generate(specs, should_stop=None):
+        calls.append([(s.width, s.height) for s in specs])
+        return real_generate(specs, should_stop)
+
+    monkeypatch.setattr(bf16_engine, "generate", recording_generate)
+    monkeypatch.setattr(bf16_engine.config, "warmup_sizes", ((256, 256), (512, 256)))
+    monkeypatch.setattr(bf16_engine.config, "warmup_batch", 3)
+    monkeypatch.setattr(bf16_engine.config, "warmup_steps", 1)
+    bf16_engine.warmup()
+    assert calls == [[(256, 256)], [(512, 256)], [(512, 256)] * 3]
