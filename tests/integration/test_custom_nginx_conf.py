@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -12,20 +11,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 START = ROOT / "start_multi_gpu.sh"
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_start_uses_a_custom_nginx_conf_as_given(tmp_path):
-    base, nginx_port = _free_port(), _free_port()
+    base, nginx_port = free_port(), free_port()
     env = {**os.environ, "NUM_GPUS": "1", "BASE_PORT": str(base), "NGINX_PORT": str(nginx_port),
            "NGINX_ADDR": "127.0.0.1", "FLUX_DEVICE": "cpu", "FLUX_MODEL": "dummy:tiny",
            "FLUX_PYTHON": sys.executable, "FLUX_RUN_DIR": str(tmp_path / "run"),

@@ -19,15 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(url: str, headers: dict[str, str]) -> tuple[int, dict, str]:
@@ -42,7 +39,7 @@ def _post(url: str, headers: dict[str, str]) -> tuple[int, dict, str]:
 
 @pytest.fixture()
 def limited_nginx(tmp_path):
-    nginx_port, worker_port = _free_port(), _free_port()
+    nginx_port, worker_port = free_port(), free_port()
     env = {**os.environ, "NUM_GPUS": "1", "BASE_PORT": str(worker_port), "NGINX_PORT": str(nginx_port),
            "NGINX_ADDR": "127.0.0.1", "FLUX_DEVICE": "cpu", "FLUX_RATE_LIMIT": "1r/m", "FLUX_RATE_BURST": "0",
            "FLUX_OUTPUT_DIR": str(tmp_path / "outputs")}

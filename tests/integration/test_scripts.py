@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.ports import free_port_block, port_free
+
 ROOT = Path(__file__).resolve().parents[2]
 START = ROOT / "start_multi_gpu.sh"
 MONITOR = ROOT / "monitor_multi_gpu.sh"
@@ -37,25 +39,6 @@ needs_nginx = pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_port_block(count: int) -> int:
-    """First port of `count` consecutive free ports (workers use BASE_PORT..BASE_PORT+count-1)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count < 65535 and all(_port_free(base + i) for i in range(count)):
-            return base
-    raise RuntimeError("no block of free ports")
 
 
 def _listening(port: int) -> bool:
@@ -97,8 +80,8 @@ def _pid_alive(pid: int) -> bool:
 class Fleet:
     def __init__(self, tmp: Path):
         self.tmp = tmp
-        self.base_port = _free_port_block(NUM_WORKERS)
-        self.nginx_port = _free_port_block(1)
+        self.base_port = free_port_block(NUM_WORKERS)
+        self.nginx_port = free_port_block(1)
         self.env = {
             **os.environ,
             "NUM_GPUS": str(NUM_WORKERS),
@@ -207,7 +190,7 @@ def test_rate_limited_config_passes_nginx_t(tmp_path):
 
 
 def test_port_in_use_is_named_with_its_holder(tmp_path):
-    base = _free_port_block(2)
+    base = free_port_block(2)
     holder = socket.socket()
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     holder.bind(("127.0.0.1", base + 1))
@@ -223,7 +206,7 @@ def test_port_in_use_is_named_with_its_holder(tmp_path):
     assert f"port {base + 1}" in result.stderr
     if shutil.which("lsof") or shutil.which("ss"):
         assert str(os.getpid()) in result.stderr  # the holder's pid
-    assert _port_free(base), "nothing may be left running after a refused start"
+    assert port_free(base), "nothing may be left running after a refused start"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.ports import free_port
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,12 +24,6 @@ START_TIMEOUT_S = 120
 SLOW = {"prompt": "a long exposure of a city at night", "width": 512, "height": 512, "num_inference_steps": 50,
         "seed": 3}
 QUICK = {"prompt": "a paper boat", "width": 256, "height": 256, "num_inference_steps": 2, "seed": 5}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

@@ -19,31 +19,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.ports import free_port_block
 from tests.production.conftest import (LONG_JOB, PYTHON, QUICK_JOB, ROOT, assert_png, free_port, sse_events,
                                        wait_until)
 
 NUM_WORKERS = 3
 RESTART_SEC = 1  # services/flux-worker@.service says 5; shorter here only to keep the test quick
 START = ROOT / "start_multi_gpu.sh"
-
-
-def free_port_block(count: int) -> int:
-    for _ in range(50):
-        base = free_port()
-        if base + count < 65535 and all(_port_free(base + i) for i in range(count)):
-            return base
-    raise RuntimeError("no block of free ports")
-
-
-def _port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 class Supervised:
