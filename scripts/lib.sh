@@ -324,7 +324,7 @@ EOF
         echo "        server 127.0.0.1:$port max_fails=3 fail_timeout=30s;  # GPU $((port - ${workers[0]%%:*})) ${w#*:}"
     done
     echo "        keepalive 32;"
-    echo "        keepalive_timeout 60s;  # below the workers' keep-alive (FLUX_KEEPALIVE_TIMEOUT, 75 s)"
+    echo "        keepalive_timeout 60s;  # below the workers' keep-alive (FLUX_KEEPALIVE_TIMEOUT_S, 75 s)"
     echo "    }"
     echo
     for p in $present; do
