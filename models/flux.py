@@ -126,11 +126,15 @@ class FluxEngine:
         device = resolve_device(cfg.device)
         dtype = prec.compute_dtype(device)
         notes: list[str] = []
-        if cfg.precision == "fp8":
+        precision = cfg.precision
+        if precision == "fp8":
             ok, why = prec.fp8_supported(device)
             if not ok:
-                raise RuntimeError(f"fp8 is not available here: {why}. Use bf16 or fp4 instead.")
-        quantize = prec.fp4_replacer(device, dtype, cfg.fp4_quant_type) if cfg.precision == "fp4" else None
+                # Serve rather than fail: a mixed deployment keeps its fast route, at bf16 speed.
+                notes.append(f"fp8 is not available here ({why}); serving bf16 instead")
+                log.warning("%s", notes[-1])
+                precision = "bf16"
+        quantize = prec.fp4_replacer(device, dtype, cfg.fp4_quant_type) if precision == "fp4" else None
         started = time.perf_counter()
         if dummy.is_dummy(cfg.model):
             pipe, spec = dummy.build_dummy_pipeline(cfg.model, device, dtype, quantize=quantize)
@@ -144,11 +148,11 @@ class FluxEngine:
             default_guidance = 3.5 if guidance_embeds else 0.0
             max_seq = 512 if guidance_embeds else 256
             synthetic = False
-        if cfg.fuse_qkv and cfg.precision != "fp4":
+        if cfg.fuse_qkv and precision != "fp4":
             fuse_qkv(pipe.transformer)
             pipe.transformer.eval().requires_grad_(False)  # the fused layers are created in train mode
             self.release_memory()  # the unfused weights sit in reference cycles until collected
-        if cfg.precision == "fp8":
+        if precision == "fp8":
             prec.apply_fp8(pipe.transformer)
         if device.type == "cuda":
             pipe.vae.to(memory_format=torch.channels_last)
@@ -164,11 +168,11 @@ class FluxEngine:
         self.device = device
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         self.info = EngineInfo(
-            model=cfg.model, synthetic=synthetic, precision=cfg.precision, device=str(device), device_name=name,
+            model=cfg.model, synthetic=synthetic, precision=precision, device=str(device), device_name=name,
             dtype=str(dtype).replace("torch.", ""), default_steps=default_steps, default_guidance=default_guidance,
             max_sequence_length=max_seq, compiled=compiled, notes=notes,
         )
-        log.info("loaded %s (%s, %s) on %s in %.1f s", cfg.model, cfg.precision, self.info.dtype, name,
+        log.info("loaded %s (%s, %s) on %s in %.1f s", cfg.model, precision, self.info.dtype, name,
                  time.perf_counter() - started)
         return self.info
 

@@ -264,3 +264,11 @@ def test_warmup_renders_each_size_then_a_full_batch(bf16_engine, monkeypatch):
     monkeypatch.setattr(bf16_engine.config, "warmup_steps", 1)
     bf16_engine.warmup()
     assert calls == [[(256, 256)], [(512, 256)], [(512, 256)] * 3]
+
+
+def test_fp8_without_a_capable_gpu_serves_bf16_and_says_why():
+    engine = FluxEngine(EngineConfig(model="dummy:tiny", precision="fp8", device="cpu"))
+    info = engine.load()
+    assert info.precision == "bf16"
+    assert any("fp8 is not available here" in note for note in info.notes), info.notes
+    assert len(engine.generate([ImageSpec("a cat", 1, 256, 256, 1, 3.5)])) == 1
