@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.clients import Background, wait_for
 from tests.ports import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -114,36 +114,6 @@ def listening_addresses(port: int) -> set[str]:
     return found
 
 
-class Background:
-    def __init__(self, url: str, body: dict):
-        self.response: httpx.Response | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._post, args=(url, body), daemon=True)
-        self.thread.start()
-
-    def _post(self, url, body):
-        try:
-            self.response = httpx.post(f"{url}/generate", json=body, timeout=120)
-        except BaseException as exc:
-            self.error = exc
-
-    def result(self) -> httpx.Response:
-        self.thread.join(120)
-        assert not self.thread.is_alive(), "the request never finished"
-        if self.error is not None:
-            raise self.error
-        return self.response
-
-
-def wait_for(predicate, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(0.02)
-    return value
-
-
 @pytest.mark.parametrize("precision", ["bf16", "fp4"])
 def test_worker_process_serves_health_info_generate_and_the_image(workers, precision):
     worker = workers[precision]
@@ -180,7 +150,8 @@ def test_worker_process_serves_health_info_generate_and_the_image(workers, preci
 
     # one access-log line per request: id, status, queue ms, generate ms
     request_id = body["request_id"]
-    lines = wait_for(lambda: [ln for ln in worker.log().splitlines() if f"request_id={request_id}" in ln])
+    lines = wait_for(lambda: [ln for ln in worker.log().splitlines() if f"request_id={request_id}" in ln],
+                     timeout=20)
     assert len(lines) == 1
     assert "status=200" in lines[0] and "queue_ms=" in lines[0] and "generate_ms=" in lines[0]
     assert "generate_ms=None" not in lines[0]
@@ -191,10 +162,10 @@ def test_sigterm_answers_work_in_flight_then_exits_zero(workers, precision):
     worker = workers[precision]
     stats = lambda: httpx.get(f"{worker.url}/queue-stats").json()  # noqa: E731
 
-    in_flight = Background(worker.url, SLOW)
-    wait_for(lambda: stats()["running"] == 1)
-    queued = Background(worker.url, QUICK)  # another size: it waits behind the running one
-    wait_for(lambda: stats()["queued"] == 1)
+    in_flight = Background(worker.url, SLOW, timeout=120)
+    wait_for(lambda: stats()["running"] == 1, timeout=20)
+    queued = Background(worker.url, QUICK, timeout=120)  # another size: it waits behind the running one
+    wait_for(lambda: stats()["queued"] == 1, timeout=20)
 
     worker.proc.send_signal(signal.SIGTERM)
     health = wait_for(lambda: (r := httpx.get(f"{worker.url}/health")).status_code == 503 and r, timeout=5)

@@ -5,52 +5,19 @@ import http.client
 import json
 import signal
 import socket
-import threading
-import time
 
 import httpx
 import pytest
 
 from api.app import create_app
 from api.server import DrainingServer
+from tests.clients import Background, wait_for
 from tests.unit.support import (SMALL, FailingPipe, GatedEngine, PreloadedEngine, ThreadedServer, make_settings,
                                 png_image)
 
 
 def stats(server: ThreadedServer) -> dict:
     return httpx.get(f"{server.base_url}/queue-stats").json()
-
-
-def wait_for(predicate, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(0.02)
-    return value
-
-
-class Background:
-    """One blocking POST /generate on its own thread."""
-
-    def __init__(self, base_url: str, body: dict):
-        self.response: httpx.Response | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(base_url, body), daemon=True)
-        self.thread.start()
-
-    def _run(self, base_url, body):
-        try:
-            self.response = httpx.post(f"{base_url}/generate", json=body, timeout=60)
-        except BaseException as exc:
-            self.error = exc
-
-    def result(self, timeout: float = 30.0) -> httpx.Response:
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "the request never finished"
-        if self.error is not None:
-            raise self.error
-        return self.response
 
 
 def send_and_hang_up_later(port: int, body: dict) -> socket.socket:
