@@ -7,6 +7,7 @@ url|b64_json, `quality`, `style`, `user`) plus the `seed` extension, and answers
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import base64
 import time
 from typing import Literal
@@ -74,7 +75,7 @@ async def images_generations(request: Request, rt: Runtime = Depends(get_runtime
     for i in range(oa.n):
         spec = make_spec(req, rt.info)
         if oa.seed is not None:
-            spec = type(spec)(**{**spec.__dict__, "seed": (oa.seed + i) % 2**32})
+            spec = dataclasses.replace(spec, seed=(oa.seed + i) % 2**32)
         jobs.append(rt.queue.submit(spec, timeout_s=timeout, request_id=request.state.request_id))
     await asyncio.gather(*(wait_for_job(request, rt.queue, job) for job in jobs))
     failed = [job for job in jobs if job.status != JobStatus.succeeded]
