@@ -32,6 +32,7 @@ def build_engine(settings: Settings) -> FluxEngine:
         prompt_cache_size=settings.prompt_cache_size, warmup_sizes=settings.warmup_size_list,
         warmup_steps=settings.warmup_steps, fp4_quant_type=settings.fp4_quant_type,
         compile_cache_dir=settings.compile_cache_dir, fuse_qkv=settings.fuse_qkv,
+        attention_backend=settings.attention_backend, compile_mode=settings.compile_mode or None,
     ))
 
 

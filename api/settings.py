@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     warmup_steps: int = 2
     fp4_quant_type: Literal["fp4", "nf4"] = "fp4"
     fuse_qkv: bool = Field(False, description="fuse q/k/v projections (bf16/fp8); lossless, no measured gain")
+    attention_backend: str = Field("native", description="diffusers attention backend of the transformer (GPU "
+                                   "only): native (PyTorch SDPA's own choice), _native_cudnn, _native_flash, ...")
+    compile_mode: str = Field("", description="torch.compile mode of the blocks, e.g. max-autotune-no-cudagraphs; "
+                              "empty: the default mode")
     prompt_cache_size: int = Field(64, ge=0, description="prompt embeddings kept on the device (LRU)")
 
     # network

@@ -4,10 +4,16 @@
 #   bench/device_runs.sh single    one GPU: raw (in-process) bf16 and fp4 eager at 1024²/28 and 512²/28,
 #                                  then the same through HTTP (start_multi_gpu.sh: one worker + nginx),
 #                                  then compiled bf16 and fp4: raw and through HTTP, 1024²/28
-#   bench/device_runs.sh scaling   1, 2, 4 bf16 workers through nginx, 512²/28, 2 clients per GPU
+#   bench/device_runs.sh scaling   1, 2, 4 bf16 workers through nginx, 512²/28, 2 clients per GPU, with
+#                                  monitor_multi_gpu.sh --once snapshots taken during the load
+#   bench/device_runs.sh e2e       compiled bf16 1024²/28: raw loop, then one worker + nginx at 1 and 2
+#                                  clients (FLUX_MAX_CONCURRENT=1, so 2 clients overlap PNG work with the GPU)
+#   bench/device_runs.sh tune      independent single-GPU experiments, one per GPU, side by side (needs 4 GPUs):
+#                                  attention kernels + cuDNN attention; max-autotune; fp8; nf4 vs fp4 and new sizes
 #
 # Environment: OUT (results folder, default bench/results), PYTHON (default python3), ITEM_TIMEOUT (seconds per item, default 200),
-# SCALING_GPUS (default 1,2,4), SCALING_COMPILE (FLUX_COMPILE of the scaling workers, default 0).
+# SCALING_GPUS (default 1,2,4), SCALING_COMPILE (FLUX_COMPILE of the scaling workers, default 0),
+# SCALING_REQUESTS (measured requests per GPU, default 8).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 
@@ -73,18 +79,62 @@ single() {
     raw raw-fp4-compile --precision fp4 --compile --compile-cache-dir /tmp/flux-inductor --case 1024x1024:28:1 --max-resident-gib 9
 }
 
+monitor_samples() {  # monitor_samples FILE: a --once snapshot every 5 s while workers are up (background)
+    while sleep 5; do
+        if [[ -s /tmp/flux-run/state ]]; then
+            { echo "--- $(date -u +%T)"; FLUX_RUN_DIR=/tmp/flux-run BASE_PORT=8100 NGINX_PORT=8180 \
+                ./monitor_multi_gpu.sh --once 2>&1; } >>"$1"
+        fi
+    done
+}
+
 scaling() {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia-smi.txt"
+    monitor_samples "$OUT/scaling-monitor${SCALING_COMPILE:+-c$SCALING_COMPILE}.log" &
+    local sampler=$!
     local stack="FLUX_MODEL=$MODEL FLUX_COMPILE=${SCALING_COMPILE:-0} FLUX_WARMUP_SIZES=512x512"
     stack+=" FLUX_DRAIN_TIMEOUT=5 FLUX_LOG_DIR=$OUT/logs FLUX_RUN_DIR=/tmp/flux-run BASE_PORT=8100 NGINX_PORT=8180"
     ITEM_TIMEOUT="${SCALING_TIMEOUT:-560}" TAIL=40 item scaling "$PY" -m bench.http --url "$URL" \
         --start "$stack ./start_multi_gpu.sh start -m bf16" --stop "$stack ./start_multi_gpu.sh stop" \
         --gpus "${SCALING_GPUS:-1,2,4}" --concurrency 2 --requests "${SCALING_REQUESTS:-8}" --warmup -1 \
-        --width 512 --height 512 --steps 28 --json "$OUT/scaling.json"
+        --width 512 --height 512 --steps 28 --json "$OUT/scaling${SCALING_COMPILE:+-c$SCALING_COMPILE}.json"
+    kill "$sampler" 2>/dev/null
+    echo "monitor snapshots: $(grep -c '^--- ' "$OUT/scaling-monitor${SCALING_COMPILE:+-c$SCALING_COMPILE}.log" 2>/dev/null)"
+}
+
+e2e() {  # compiled bf16 at 1024²/28: the raw loop, then one worker + nginx at 1 and 2 clients
+    raw raw-bf16-compile --precision bf16 --compile --compile-cache-dir /tmp/flux-inductor --case 1024x1024:28:1 \
+        --repeats 4
+    item e2e-start env FLUX_COMPILE=1 FLUX_WARMUP_SIZES=1024x1024 FLUX_MAX_CONCURRENT=1 "${STACK[@]}" start -m bf16 </dev/null
+    item e2e-1024 "$PY" -m bench.http --url "$URL" --concurrency 1,2 --requests 6 --warmup 1 \
+        --width 1024 --height 1024 --steps 28 --raw-baseline "$OUT/raw-bf16-compile.json" --json "$OUT/e2e-1024.json"
+    item e2e-stop "${STACK[@]}" stop
+}
+
+on_gpu() {  # on_gpu INDEX COMMAND...: one experiment pinned to one GPU, its output kept in $OUT/gpuINDEX.log
+    local gpu="$1"; shift
+    (export CUDA_VISIBLE_DEVICES="$gpu"; timeout "${TUNE_TIMEOUT:-520}" "$@") >"$OUT/gpu$gpu.log" 2>&1
+}
+
+tune() {
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia-smi.txt"
+    local cc=(--compile --compile-cache-dir /tmp/flux-inductor)
+    on_gpu 0 bash -c "$PY -m bench.attention --json $OUT/attention.json;
+        $PY -m bench.raw --precision bf16 ${cc[*]} --case 1024x1024:28:1 --engine-opt attention_backend=_native_cudnn \
+            --profile --json $OUT/raw-bf16-cudnn.json" &
+    on_gpu 1 "$PY" -m bench.raw --precision bf16 "${cc[@]}" --case 1024x1024:28:1 --profile \
+        --engine-opt compile_mode=max-autotune-no-cudagraphs --json "$OUT/raw-bf16-autotune.json" &
+    on_gpu 2 "$PY" -m bench.raw --precision fp8 "${cc[@]}" --case 1024x1024:28:1 --profile --json "$OUT/raw-fp8.json" &
+    on_gpu 3 bash -c "$PY -m bench.raw --precision fp4 --fp4-quant-type nf4 ${cc[*]} --case 1024x1024:28:1 \
+            --case 512x512:28:1 --case 768x1344:28:1 --max-resident-gib 9 --json $OUT/raw-nf4.json" &
+    wait
+    for g in 0 1 2 3; do echo "=== GPU $g"; grep -v -i warn "$OUT/gpu$g.log" | tail -n 25; done
 }
 
 case "${1:-}" in
     single) single ;;
     scaling) scaling ;;
-    *) sed -n '2,11p' "${BASH_SOURCE[0]}"; exit 2 ;;
+    e2e) e2e ;;
+    tune) tune ;;
+    *) sed -n '2,19p' "${BASH_SOURCE[0]}"; exit 2 ;;
 esac
