@@ -8,8 +8,9 @@
 #                                  monitor_multi_gpu.sh --once snapshots taken during the load
 #   bench/device_runs.sh e2e       compiled bf16 1024²/28: raw loop, then one worker + nginx at 1 and 2
 #                                  clients (FLUX_MAX_CONCURRENT=1, so 2 clients overlap PNG work with the GPU)
-#   bench/device_runs.sh tune      independent single-GPU experiments, one per GPU, side by side (needs 4 GPUs):
-#                                  attention kernels + cuDNN attention; max-autotune; fp8; nf4 vs fp4 and new sizes
+#   bench/device_runs.sh tune NAME...  single-GPU experiments side by side, the i-th on GPU i: cudnn (attention
+#                                  kernels, then compiled bf16 with cuDNN attention), autotune (max-autotune),
+#                                  fp8 (compiled), nf4 (compiled, three sizes: does a new size recompile?)
 #
 # Environment: OUT (results folder, default bench/results), PYTHON (default python3), ITEM_TIMEOUT (seconds per item, default 200),
 # SCALING_GPUS (default 1,2,4), SCALING_COMPILE (FLUX_COMPILE of the scaling workers, default 0),
@@ -24,11 +25,12 @@ export FLUX_PYTHON="${FLUX_PYTHON:-$(command -v "$PY")}"   # the workers use the
 ITEM_TIMEOUT="${ITEM_TIMEOUT:-200}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 FLUX_COMPILE_CACHE_DIR=/tmp/flux-inductor
-if [[ -d .whl ]]; then
+if [[ -d .whl && ! -e /tmp/site/.installed ]]; then
     python3 -m pip install -q --upgrade --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null &&
-        export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+        touch /tmp/site/.installed
 fi
-if [[ -d .deb ]]; then
+[[ -e /tmp/site/.installed && ":${PYTHONPATH:-}:" != *:/tmp/site:* ]] && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+if [[ -d .deb && ! -x /tmp/ngx/bin/nginx ]]; then
     mkdir -p /tmp/ngx/bin /tmp/ngx/logs && for f in .deb/*.deb; do dpkg -x "$f" /tmp/ngx; done
     printf '#!/bin/sh\nexec /tmp/ngx/usr/sbin/nginx -e /tmp/ngx/logs/error.log "$@"\n' >/tmp/ngx/bin/nginx
     chmod +x /tmp/ngx/bin/nginx
@@ -113,28 +115,44 @@ e2e() {  # compiled bf16 at 1024²/28: the raw loop, then one worker + nginx at 
 
 on_gpu() {  # on_gpu INDEX COMMAND...: one experiment pinned to one GPU, its output kept in $OUT/gpuINDEX.log
     local gpu="$1"; shift
-    (export CUDA_VISIBLE_DEVICES="$gpu"; timeout "${TUNE_TIMEOUT:-520}" "$@") >"$OUT/gpu$gpu.log" 2>&1
+    (export CUDA_VISIBLE_DEVICES="$gpu"; "$@") >"$OUT/gpu$gpu.log" 2>&1
 }
 
-tune() {
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia-smi.txt"
+experiment() {  # experiment NAME: one single-GPU tuning run (see tune)
     local cc=(--compile --compile-cache-dir /tmp/flux-inductor)
-    on_gpu 0 bash -c "$PY -m bench.attention --json $OUT/attention.json;
-        $PY -m bench.raw --precision bf16 ${cc[*]} --case 1024x1024:28:1 --engine-opt attention_backend=_native_cudnn \
-            --profile --json $OUT/raw-bf16-cudnn.json" &
-    on_gpu 1 "$PY" -m bench.raw --precision bf16 "${cc[@]}" --case 1024x1024:28:1 --profile \
-        --engine-opt compile_mode=max-autotune-no-cudagraphs --json "$OUT/raw-bf16-autotune.json" &
-    on_gpu 2 "$PY" -m bench.raw --precision fp8 "${cc[@]}" --case 1024x1024:28:1 --profile --json "$OUT/raw-fp8.json" &
-    on_gpu 3 bash -c "$PY -m bench.raw --precision fp4 --fp4-quant-type nf4 ${cc[*]} --case 1024x1024:28:1 \
-            --case 512x512:28:1 --case 768x1344:28:1 --max-resident-gib 9 --json $OUT/raw-nf4.json" &
+    case "$1" in
+        cudnn)  # attention kernels alone, then compiled bf16 with cuDNN attention, phase by phase
+            "$PY" -m bench.attention --json "$OUT/attention.json"
+            "$PY" -m bench.raw --precision bf16 "${cc[@]}" --case 1024x1024:28:1 --profile \
+                --engine-opt attention_backend=_native_cudnn --json "$OUT/raw-bf16-cudnn.json" ;;
+        autotune)
+            "$PY" -m bench.raw --precision bf16 "${cc[@]}" --case 1024x1024:28:1 --profile \
+                --engine-opt compile_mode=max-autotune-no-cudagraphs --json "$OUT/raw-bf16-autotune.json" ;;
+        fp8)
+            "$PY" -m bench.raw --precision fp8 "${cc[@]}" --case 1024x1024:28:1 --profile --json "$OUT/raw-fp8.json" ;;
+        nf4)  # nf4 against fp4 (both compiled), and whether a third size after two recompiles
+            "$PY" -m bench.raw --precision fp4 --fp4-quant-type nf4 "${cc[@]}" --case 1024x1024:28:1 \
+                --case 512x512:28:1 --case 768x1344:28:1 --max-resident-gib 9 --json "$OUT/raw-nf4.json" ;;
+        *) echo "unknown experiment $1" >&2; return 2 ;;
+    esac
+}
+
+tune() {  # tune NAME...: experiment i on GPU i, side by side
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia-smi.txt"
+    local gpu=0 name
+    for name in "$@"; do
+        on_gpu "$gpu" timeout "${TUNE_TIMEOUT:-520}" bash "${BASH_SOURCE[0]}" experiment "$name" &
+        gpu=$((gpu + 1))
+    done
     wait
-    for g in 0 1 2 3; do echo "=== GPU $g"; grep -v -i warn "$OUT/gpu$g.log" | tail -n 25; done
+    for ((gpu = 0; gpu < $#; gpu++)); do echo "=== GPU $gpu"; grep -v -i warn "$OUT/gpu$gpu.log" | tail -n 25; done
 }
 
 case "${1:-}" in
     single) single ;;
     scaling) scaling ;;
     e2e) e2e ;;
-    tune) tune ;;
+    tune) shift; tune "$@" ;;
+    experiment) experiment "$2" ;;
     *) sed -n '2,19p' "${BASH_SOURCE[0]}"; exit 2 ;;
 esac
