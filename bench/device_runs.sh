@@ -137,7 +137,7 @@ experiment() {  # experiment NAME: one single-GPU tuning run (see tune)
     esac
 }
 
-tune() {  # tune NAME...: experiment i on GPU i, side by side
+tune() {  # tune NAME[,NAME...]...: the i-th argument's experiments on GPU i (one after another), side by side
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia-smi.txt"
     local gpu=0 name
     for name in "$@"; do
@@ -153,6 +153,6 @@ case "${1:-}" in
     scaling) scaling ;;
     e2e) e2e ;;
     tune) shift; tune "$@" ;;
-    experiment) experiment "$2" ;;
+    experiment) IFS=, read -ra names <<<"$2"; for n in "${names[@]}"; do experiment "$n"; done ;;
     *) sed -n '2,19p' "${BASH_SOURCE[0]}"; exit 2 ;;
 esac
