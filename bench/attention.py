@@ -5,6 +5,7 @@
 
 FLUX.1 attends jointly over text and image tokens: 24 heads of 128, 512 text tokens (256 for schnell) plus
 (W/16)·(H/16) image tokens. For each backend PyTorch offers (flash, cuDNN, memory-efficient), the program
+and for PyTorch's own choice among them (DEFAULT, what diffusers' "native" backend gets), it
 times forward calls with CUDA events after a warm-up and prints milliseconds per call, achieved TFLOP/s
 (4·B·H·S²·D per call) and the largest difference from the flash kernel's output. It needs a CUDA GPU.
 """
@@ -19,7 +20,7 @@ import argparse
 
 from bench.common import run_header, write_result
 
-BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION")
+BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "DEFAULT")  # DEFAULT: PyTorch's choice
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in BACKENDS:
             row = {"tokens": tokens, "batch": args.batch, "backend": name}
             try:
-                with sdpa_kernel(getattr(SDPBackend, name)):
+                with sdpa_kernel(list(SDPBackend) if name == "DEFAULT" else getattr(SDPBackend, name)):
                     out = sdpa(q, k, v)
                     for _ in range(3):
                         sdpa(q, k, v)

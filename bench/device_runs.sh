@@ -10,7 +10,8 @@
 #                                  clients (FLUX_MAX_CONCURRENT=1, so 2 clients overlap PNG work with the GPU)
 #   bench/device_runs.sh tune NAME...  single-GPU experiments side by side, the i-th on GPU i: cudnn (attention
 #                                  kernels, then compiled bf16 with cuDNN attention), autotune (max-autotune),
-#                                  fp8 (compiled), nf4 (compiled, three sizes: does a new size recompile?)
+#                                  fp8 (compiled), nf4 and fp4 (compiled, three sizes: does a new size recompile?),
+#                                  attention (the kernels alone)
 #
 # Environment: OUT (results folder, default bench/results), PYTHON (default python3), ITEM_TIMEOUT (seconds per item, default 200),
 # SCALING_GPUS (default 1,2,4), SCALING_COMPILE (FLUX_COMPILE of the scaling workers, default 0),
@@ -133,6 +134,10 @@ experiment() {  # experiment NAME: one single-GPU tuning run (see tune)
         nf4)  # nf4 against fp4 (both compiled), and whether a third size after two recompiles
             "$PY" -m bench.raw --precision fp4 --fp4-quant-type nf4 "${cc[@]}" --case 1024x1024:28:1 \
                 --case 512x512:28:1 --case 768x1344:28:1 --max-resident-gib 9 --json "$OUT/raw-nf4.json" ;;
+        fp4)  # the same three sizes as nf4, for the comparison
+            "$PY" -m bench.raw --precision fp4 "${cc[@]}" --case 1024x1024:28:1 --case 512x512:28:1 \
+                --case 768x1344:28:1 --max-resident-gib 9 --json "$OUT/raw-fp4.json" ;;
+        attention) "$PY" -m bench.attention --json "$OUT/attention.json" ;;
         *) echo "unknown experiment $1" >&2; return 2 ;;
     esac
 }
