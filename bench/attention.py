@@ -17,6 +17,7 @@ if not __package__:
     sys.exit("run it from the repository root as: python -m bench.attention ...")
 
 import argparse
+import contextlib
 
 from bench.common import run_header, write_result
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in BACKENDS:
             row = {"tokens": tokens, "batch": args.batch, "backend": name}
             try:
-                with sdpa_kernel(list(SDPBackend) if name == "DEFAULT" else getattr(SDPBackend, name)):
+                with contextlib.nullcontext() if name == "DEFAULT" else sdpa_kernel(getattr(SDPBackend, name)):
                     out = sdpa(q, k, v)
                     for _ in range(3):
                         sdpa(q, k, v)
@@ -65,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
                     end.record()
                     torch.cuda.synchronize()
                 ms = start.elapsed_time(end) / args.iters
+                if name == "DEFAULT":  # which kernel PyTorch picked
+                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                        sdpa(q, k, v)
+                        torch.cuda.synchronize()
+                    kernels = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+                    row["kernel"] = kernels[0].key[:120] if kernels else None
                 if reference is None:
                     reference = out
                 row.update(ms=round(ms, 4), tflops=round(flop / ms / 1e9, 1),
@@ -73,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                 row["error"] = str(exc).splitlines()[0][:200]
             rows.append(row)
             print(f"  S={tokens:5d} {name:20s} " + (f"{row['ms']:8.3f} ms {row['tflops']:7.1f} TFLOP/s "
-                  f"diff {row['max_abs_diff']}" if "ms" in row else row["error"]), flush=True)
+                  f"diff {row['max_abs_diff']} {row.get('kernel') or ''}" if "ms" in row else row["error"]),
+                  flush=True)
     result["results"] = rows
     print(f"\nresult: {write_result(result, args.out_dir, args.json)}")
     return 0
