@@ -35,8 +35,9 @@ if [[ -d .deb && ! -x /tmp/ngx/bin/nginx ]]; then
     mkdir -p /tmp/ngx/bin /tmp/ngx/logs && for f in .deb/*.deb; do dpkg -x "$f" /tmp/ngx; done
     printf '#!/bin/sh\nexec /tmp/ngx/usr/sbin/nginx -e /tmp/ngx/logs/error.log "$@"\n' >/tmp/ngx/bin/nginx
     chmod +x /tmp/ngx/bin/nginx
-    export PATH="/tmp/ngx/bin:$PATH"
 fi
+# every run puts it on PATH, also a later one that finds it already unpacked
+[[ -x /tmp/ngx/bin/nginx ]] && export PATH="/tmp/ngx/bin:$PATH"
 
 STACK=(env BASE_PORT=8100 NGINX_PORT=8180 NUM_GPUS=1 "FLUX_MODEL=$MODEL" FLUX_DRAIN_TIMEOUT=5
        FLUX_LOG_DIR="$OUT/logs" FLUX_RUN_DIR=/tmp/flux-run ./start_multi_gpu.sh)

@@ -117,3 +117,9 @@ def test_flop_model_matches_the_published_limit():
     assert step["attention"] == pytest.approx(15e12, rel=0.02)
     assert flops.flop_per_image(shape, 1024, 1024, 28, 512) == pytest.approx(2.08e15, rel=0.01)
     assert flops.flop_per_image(shape, 512, 512, 28, 512) == pytest.approx(0.6e15, rel=0.01)
+
+
+def test_attention_bench_says_it_needs_a_gpu_on_a_cpu():
+    done = run_module(["bench.attention"], timeout=120)
+    assert done.returncode == 2
+    assert "needs a CUDA GPU" in done.stderr

@@ -272,3 +272,16 @@ def test_fp8_without_a_capable_gpu_serves_bf16_and_says_why():
     assert info.precision == "bf16"
     assert any("fp8 is not available here" in note for note in info.notes), info.notes
     assert len(engine.generate([ImageSpec("a cat", 1, 256, 256, 1, 3.5)])) == 1
+
+
+def test_an_unknown_attention_backend_is_refused_with_the_known_names():
+    engine = FluxEngine(EngineConfig(model="dummy:tiny", device="cpu", attention_backend="fastest"))
+    with pytest.raises(ValueError, match="unknown attention backend 'fastest'.*_native_cudnn"):
+        engine.load()
+
+
+def test_an_attention_backend_on_a_cpu_is_noted_and_the_engine_still_renders():
+    engine = FluxEngine(EngineConfig(model="dummy:tiny", device="cpu", attention_backend="_native_cudnn"))
+    info = engine.load()
+    assert any("attention backend _native_cudnn ignored on CPU" in note for note in info.notes), info.notes
+    assert len(engine.generate([ImageSpec("a cat", 1, 256, 256, 1, 3.5)])) == 1

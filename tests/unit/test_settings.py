@@ -83,3 +83,17 @@ def test_an_invalid_port_is_refused():
 
 def test_warmup_sizes_are_parsed():
     assert Settings(warmup_sizes="512x512, 1024x768,256").warmup_size_list == [(512, 512), (1024, 768), (256, 256)]
+
+
+def test_tuning_knobs_reach_the_engine(monkeypatch):
+    from api.app import build_engine
+
+    monkeypatch.setenv("FLUX_ATTENTION_BACKEND", "_native_cudnn")
+    monkeypatch.setenv("FLUX_COMPILE_MODE", "max-autotune-no-cudagraphs")
+    monkeypatch.setenv("FLUX_FP4_QUANT_TYPE", "nf4")
+    config = build_engine(load_settings("fp4")).config
+    assert config.attention_backend == "_native_cudnn"
+    assert config.compile_mode == "max-autotune-no-cudagraphs"
+    assert config.fp4_quant_type == "nf4"
+    monkeypatch.delenv("FLUX_COMPILE_MODE")
+    assert build_engine(load_settings("fp4")).config.compile_mode is None  # empty: torch's default mode
