@@ -57,8 +57,8 @@ num_or_dash() { if [[ -n "$1" && "$1" != null ]]; then echo "$1"; else echo "-";
 
 # One screen. Sets UNHEALTHY to the number of problems found and TOTAL_COMPLETED.
 render() {
-    local i port state stats util used total temp power queued running completed failed spi
-    local ready=0 sum_queued=0 sum_running=0 sum_completed=0 sum_failed=0 capacity=0
+    local i port state stats util used total temp power queued running completed failed spi last_min
+    local ready=0 sum_queued=0 sum_running=0 sum_completed=0 sum_failed=0 capacity=0 per_min=0 rate_known=0
     UNHEALTHY=0
     read_gpu_stats
     banner "FLUX multi-GPU monitor  $(date '+%F %T')  ($NUM_GPUS workers from port $BASE_PORT)"
@@ -86,6 +86,8 @@ render() {
             completed="$(num_or_dash "$(json_field completed "$stats")")"
             failed="$(num_or_dash "$(json_field failed "$stats")")"
             spi="$(num_or_dash "$(json_field seconds_per_image "$stats")")"
+            last_min="$(json_field images_last_minute "$stats")"
+            [[ "$last_min" =~ ^[0-9]+$ ]] && { per_min=$((per_min + last_min)); rate_known=1; }
         fi
         if [[ "$state" == ready ]]; then
             ready=$((ready + 1))
@@ -110,12 +112,9 @@ render() {
         printf 'nginx: %sdown%s (port %s)\n' "$C_RED" "$C_RESET" "$NGINX_PORT"
         UNHEALTHY=$((UNHEALTHY + 1))
     fi
+    # images generated in the last 60 s, as the workers count them (one sample is enough: --once, cron)
     local rate="-"
-    if [[ -n "${LAST_COMPLETED:-}" && "$SECONDS" -gt "$LAST_TIME" ]]; then
-        rate="$(awk -v d=$((sum_completed - LAST_COMPLETED)) -v t=$((SECONDS - LAST_TIME)) 'BEGIN { printf "%.1f", d * 60 / t }')"
-    fi
-    LAST_COMPLETED=$sum_completed
-    LAST_TIME=$SECONDS
+    [[ "$rate_known" == 1 ]] && rate="$per_min"
     printf 'TOTAL: %d/%d ready  queued %d  running %d  completed %d  failed %d  rate %s images/min  capacity %.0f images/min\n' \
         "$ready" "$NUM_GPUS" "$sum_queued" "$sum_running" "$sum_completed" "$sum_failed" "$rate" "$capacity"
     if [[ "$SHOW_ERRORS" == 1 ]]; then show_errors; fi

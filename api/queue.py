@@ -84,6 +84,14 @@ class Stats:
         self.images_generated = 0
         self.recent_seconds_per_image: collections.deque[float] = collections.deque(maxlen=50)
         self.recent_seconds_per_pixel_step: collections.deque[float] = collections.deque(maxlen=50)
+        self.finished_batches: collections.deque[tuple[float, int]] = collections.deque()  # (monotonic, images)
+
+    def images_last_minute(self, now: float | None = None) -> int:
+        """Images generated in the last 60 s: the rate a monitor can read from one sample."""
+        now = time.monotonic() if now is None else now
+        while self.finished_batches and self.finished_batches[0][0] < now - 60:
+            self.finished_batches.popleft()
+        return sum(n for _, n in self.finished_batches)
 
 
 class QueueManager:
@@ -350,6 +358,8 @@ class QueueManager:
         self.stats.generate_total_s += elapsed
         self.stats.images_generated += images
         self.stats.recent_seconds_per_image.append(elapsed / images)
+        self.stats.finished_batches.append((time.monotonic(), images))
+        self.stats.images_last_minute()  # drops what fell out of the window
         work = sum(j.spec.width * j.spec.height * j.spec.steps for j in batch)
         self.stats.recent_seconds_per_pixel_step.append(elapsed / work)
         self.observer("generated", {"images": images, "seconds": elapsed, "batch": images})
@@ -435,5 +445,6 @@ class QueueManager:
             "avg_queue_wait_s": round(s.queue_wait_total_s / s.queue_wait_count, 4) if s.queue_wait_count else None,
             "avg_generate_s": round(s.generate_total_s / s.images_generated, 4) if s.images_generated else None,
             "seconds_per_image": round(self.seconds_per_image, 4) if self.seconds_per_image else None,
+            "images_last_minute": s.images_last_minute(),
             "consecutive_failures": self.consecutive_failures,
         }

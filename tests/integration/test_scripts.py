@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -296,12 +297,18 @@ def test_jobs_reach_the_worker_that_owns_them(fleet):
 
 
 def test_monitor_once_shows_every_worker(fleet):
+    for _ in range(2):
+        status, _, raw = _request("POST", f"{fleet.url}/generate", BODY)
+        assert status == 200, raw[:300]
     result = fleet.run(MONITOR, "--once", "--errors", timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     for port in fleet.ports:
         assert str(port) in result.stdout
     assert "nginx: up" in result.stdout
     assert f"{NUM_WORKERS}/{NUM_WORKERS} ready" in result.stdout
+    # one sample is enough for the rate: the workers count the images of the last minute themselves
+    rate = re.search(r"rate (\d+) images/min", result.stdout)
+    assert rate and int(rate.group(1)) >= 2, result.stdout
 
 
 def test_kill_9_of_one_worker_keeps_nginx_answering(fleet):

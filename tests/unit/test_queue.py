@@ -169,3 +169,16 @@ def test_eta_scales_with_pixels_and_steps_not_with_the_last_job():
     assert queue.job_seconds(big) == pytest.approx(0.5 * 4 * 7)  # 4x the pixels, 7x the steps
     running = Job(id="w-2", spec=big, deadline=0.0, step=14)
     assert queue.remaining_seconds(running) == pytest.approx(0.5 * 4 * 7 / 2)
+
+
+def test_images_of_the_last_minute_count_batches_and_forget_old_ones():
+    from api.queue import Job, QueueManager
+    from models.flux import ImageSpec
+
+    queue = QueueManager(max_concurrent=2, max_queue_size=10)
+    spec = ImageSpec("a", 1, 512, 512, 4, 3.5)
+    queue._record_success([Job(id="w-1", spec=spec, deadline=0.0), Job(id="w-2", spec=spec, deadline=0.0)], 1.0)
+    queue._record_success([Job(id="w-3", spec=spec, deadline=0.0)], 0.5)
+    assert queue.snapshot()["images_last_minute"] == 3
+    later = queue.stats.finished_batches[-1][0] + 61
+    assert queue.stats.images_last_minute(now=later) == 0
