@@ -42,23 +42,29 @@ class Worker:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"{self.precision} worker exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            try:
-                response = httpx.get(f"{self.url}/health", timeout=2)
-            except httpx.TransportError:
-                time.sleep(0.05)
-                continue
-            status = response.json()["status"]
-            if not self.health_seen or self.health_seen[-1] != status:
-                self.health_seen.append(status)
-            if response.status_code == 200:
-                return
-            time.sleep(0.02)
-        pytest.fail(f"{self.precision} worker not ready after {START_TIMEOUT_S} s:\n{self.log()[-3000:]}")
+    def poll_health(self) -> bool:
+        """One /health poll; records each new state; True once ready."""
+        if self.proc.poll() is not None:
+            pytest.fail(f"{self.precision} worker exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+        try:
+            response = httpx.get(f"{self.url}/health", timeout=2)
+        except httpx.TransportError:
+            return False
+        status = response.json()["status"]
+        if not self.health_seen or self.health_seen[-1] != status:
+            self.health_seen.append(status)
+        return response.status_code == 200
+
+
+def wait_all_ready(workers: list[Worker]) -> None:
+    """Polls every worker in turn from the start, so each one's "loading" phase is seen, not only the first's."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    pending = list(workers)
+    while pending and time.monotonic() < deadline:
+        pending = [w for w in pending if not w.poll_health()]
+        time.sleep(0.02)
+    for worker in pending:
+        pytest.fail(f"{worker.precision} worker not ready after {START_TIMEOUT_S} s:\n{worker.log()[-3000:]}")
 
 
 def start_worker(precision: str, tmp: Path) -> Worker:
@@ -88,8 +94,7 @@ def workers(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("workers")
     started = {p: start_worker(p, tmp) for p in ("bf16", "fp4")}  # both import torch at the same time
     try:
-        for worker in started.values():
-            worker.wait_ready()
+        wait_all_ready(list(started.values()))
         yield started
     finally:
         for worker in started.values():
