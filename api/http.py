@@ -84,6 +84,17 @@ def make_spec(req: GenerateRequest, info) -> ImageSpec:
     )
 
 
+def output_options(req: GenerateRequest, settings) -> dict:
+    """The encoding of a request's image: its own output_format/output_quality, else the worker's defaults."""
+    fmt = req.output_format or settings.output_format
+    if fmt == "png":
+        if req.output_quality is not None:  # png by the worker's default, not by the request
+            raise InvalidRequest("output_quality: applies to jpeg and webp only; this worker writes png unless "
+                                 "output_format says otherwise", field="output_quality")
+        return {"output_format": fmt, "output_quality": None}
+    return {"output_format": fmt, "output_quality": req.output_quality or settings.output_quality}
+
+
 def base_url(request: Request, trusted: frozenset[str], public_url: str | None) -> str:
     """Where clients reach us: X-Forwarded-Host/Proto from a trusted proxy, else the Host we were called on."""
     if public_url:

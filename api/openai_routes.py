@@ -1,7 +1,8 @@
 """OpenAI-compatible image generation: POST /v1/images/generations.
 
 Accepts the fields the official clients send (`prompt`, `model`, `n`, `size` "WxH", `response_format`
-url|b64_json, `quality`, `style`, `user`) plus the `seed` extension, and answers in OpenAI's shape, so
+url|b64_json, `quality`, `style`, `user`, `output_format` png|jpeg|webp, `output_compression` 0-100) plus the
+`seed` extension, and answers in OpenAI's shape, so
 `OpenAI(base_url="http://host/v1").images.generate(...)` works unchanged against a worker or the proxy.
 """
 from __future__ import annotations
@@ -16,7 +17,8 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.errors import InvalidRequest
-from api.http import ensure_accepting, make_spec, parse_generate, parse_model, read_json_object, wait_for_job
+from api.http import (ensure_accepting, make_spec, output_options, parse_generate, parse_model, read_json_object,
+                      wait_for_job)
 from api.queue import JobStatus
 from api.routes import job_response
 from api.runtime import Runtime, get_runtime
@@ -36,6 +38,8 @@ class OpenAIImageRequest(BaseModel):
     quality: str | None = None
     style: str | None = None
     user: str | None = None
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    output_compression: int | None = Field(None, ge=0, le=100, strict=True)
 
     @field_validator("size")
     @classmethod
@@ -64,10 +68,14 @@ async def images_generations(request: Request, rt: Runtime = Depends(get_runtime
     native = {"prompt": oa.prompt, "width": width, "height": height}
     if oa.seed is not None:
         native["seed"] = oa.seed
+    if oa.output_format is not None:
+        native["output_format"] = oa.output_format
+    if oa.output_compression is not None:  # OpenAI's compression percentage; ours is a quality
+        native["output_quality"] = max(1, 100 - oa.output_compression)
     try:
         req = parse_generate(native, rt.settings.max_prompt_chars)
     except InvalidRequest as exc:  # name the OpenAI field, not ours
-        field = "size" if exc.field in ("width", "height") else exc.field
+        field = {"width": "size", "height": "size", "output_quality": "output_compression"}.get(exc.field, exc.field)
         raise InvalidRequest(exc.message.replace(f"{exc.field}:", f"{field}:", 1), field=field) from None
     ensure_accepting(rt.state)
     timeout = rt.settings.request_timeout_s
@@ -76,7 +84,8 @@ async def images_generations(request: Request, rt: Runtime = Depends(get_runtime
         spec = make_spec(req, rt.info)
         if oa.seed is not None:
             spec = dataclasses.replace(spec, seed=(oa.seed + i) % 2**32)
-        jobs.append(rt.queue.submit(spec, timeout_s=timeout, request_id=request.state.request_id))
+        jobs.append(rt.queue.submit(spec, timeout_s=timeout, request_id=request.state.request_id,
+                                    **output_options(req, rt.settings)))
     await asyncio.gather(*(wait_for_job(request, rt.queue, job) for job in jobs))
     failed = [job for job in jobs if job.status != JobStatus.succeeded]
     if failed:

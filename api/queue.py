@@ -55,6 +55,8 @@ class Job:
     error: ApiError | None = None
     cancel_reason: str | None = None  # "client" (DELETE), "disconnect", "timeout"
     detached: bool = False  # an async job: its image is deleted with it when the job expires
+    output_format: str = "png"
+    output_quality: int | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     generate_s: float | None = None
     version: int = 0  # bumped at every visible change, for event streams
@@ -184,7 +186,8 @@ class QueueManager:
         return f"{self.job_prefix}-{secrets.token_hex(12)}"
 
     def submit(self, spec: ImageSpec, *, timeout_s: float, request_id: str = "",
-               idempotency_key: str | None = None) -> Job:
+               idempotency_key: str | None = None, output_format: str = "png",
+               output_quality: int | None = None) -> Job:
         if self._draining:
             self._reject("draining")
             raise Draining("the server is shutting down; retry on another worker", retry_after=1)
@@ -199,7 +202,7 @@ class QueueManager:
             raise QueueFull(f"the queue is full ({self.max_queue_size} waiting); retry later",
                             retry_after=self.estimated_wait_s())
         job = Job(id=self.new_job_id(), spec=spec, deadline=time.monotonic() + timeout_s, request_id=request_id,
-                  idempotency_key=idempotency_key)
+                  idempotency_key=idempotency_key, output_format=output_format, output_quality=output_quality)
         self.jobs[job.id] = job
         self._waiting.append(job)
         self.observer("queued", {"depth": len(self._waiting)})
@@ -337,7 +340,8 @@ class QueueManager:
     async def _store(self, job: Job, image) -> None:
         self._storing += 1
         try:
-            name = await asyncio.get_running_loop().run_in_executor(self._io, self.store.save, image)
+            name = await asyncio.get_running_loop().run_in_executor(
+                self._io, self.store.save, image, job.output_format, job.output_quality)
             if job.cancel_reason:  # cancelled while its PNG was being written
                 self.store.delete(name)
                 self._finish_cancelled(job)

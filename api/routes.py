@@ -6,8 +6,8 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from api import __version__
 from api.errors import NotFound
-from api.http import (base_url, ensure_accepting, idempotency_key, job_error, make_spec, parse_generate,
-                      read_json_object, wait_for_job)
+from api.http import (base_url, ensure_accepting, idempotency_key, job_error, make_spec, output_options,
+                      parse_generate, read_json_object, wait_for_job)
 from api.queue import Job, JobStatus
 from api.runtime import Runtime, get_runtime
 
@@ -32,6 +32,7 @@ def job_response(rt: Runtime, request: Request, job: Job) -> dict:
         "generate_ms": job.generate_ms,
         "request_id": job.request_id,
         "job_id": job.id,
+        "output_format": job.output_format,
     }
 
 
@@ -57,7 +58,7 @@ async def submit_request(rt: Runtime, request: Request, route: str) -> tuple[Job
     ensure_accepting(rt.state)
     timeout = req.timeout_s or rt.settings.request_timeout_s
     job = rt.queue.submit(make_spec(req, rt.info), timeout_s=timeout, request_id=request.state.request_id,
-                          idempotency_key=key)
+                          idempotency_key=key, **output_options(req, rt.settings))
     if key:
         rt.idempotency.remember(key, fingerprint, job.id)
     return job, False
@@ -124,4 +125,5 @@ async def image(name: str, rt: Runtime = Depends(get_runtime)):
     path = rt.store.path_for(name)
     if path is None:
         raise NotFound("no such image", field="name")
-    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "public, max-age=86400"})
+    return FileResponse(path, media_type=rt.store.media_type(path.name),
+                        headers={"Cache-Control": "public, max-age=86400"})

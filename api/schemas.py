@@ -1,13 +1,16 @@
 """Request and response bodies with their bounds."""
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 256, 2048, 16
 MAX_PIXELS = 4_000_000  # 4 megapixels: 2048x1952 passes, 2048x2048 does not
 MAX_SEED = 2**32 - 1
 MAX_STEPS = 100
 MAX_GUIDANCE = 30.0
+OutputFormat = Literal["png", "jpeg", "webp"]
 
 
 class GenerateRequest(BaseModel):
@@ -22,6 +25,9 @@ class GenerateRequest(BaseModel):
     num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE)
     timeout_s: float | None = Field(None, gt=0, le=3600, description="deadline for this request, queue included")
+    output_format: OutputFormat | None = Field(None, description="png (lossless), jpeg or webp; default: the "
+                                               "worker's FLUX_OUTPUT_FORMAT")
+    output_quality: int | None = Field(None, ge=1, le=100, description="jpeg/webp quality; default: the worker's")
 
     @field_validator("prompt")
     @classmethod
@@ -41,6 +47,13 @@ class GenerateRequest(BaseModel):
     def _multiple_of_16(cls, value: int) -> int:
         if value % SIDE_MULTIPLE:
             raise ValueError(f"must be a multiple of {SIDE_MULTIPLE}")
+        return value
+
+    @field_validator("output_quality")
+    @classmethod
+    def _quality_needs_a_lossy_format(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("output_format") == "png":
+            raise ValueError("applies to jpeg and webp only; png is lossless")
         return value
 
     @field_validator("guidance_scale", "timeout_s")
@@ -67,3 +80,4 @@ class GenerateResponse(BaseModel):
     generate_ms: float | None
     request_id: str
     job_id: str
+    output_format: str

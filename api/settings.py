@@ -62,6 +62,9 @@ class Settings(BaseSettings):
 
     # storage and retention
     output_dir: str = "outputs"
+    output_format: Literal["png", "jpeg", "webp"] = Field("png", description="format of the images unless a "
+                                                          "request says (png: lossless; jpeg: fastest to encode)")
+    output_quality: int = Field(90, ge=1, le=100, description="jpeg/webp quality unless a request says")
     png_compress_level: int = Field(1, ge=0, le=9, description="zlib level of the PNGs (1: fast, 9: smallest)")
     image_ttl_s: float = Field(86400.0, ge=0, description="age at which generated images are deleted; 0: never")
     job_ttl_s: float = Field(3600.0, gt=0, description="how long finished jobs (and their images) are kept")

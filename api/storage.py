@@ -1,6 +1,6 @@
 """ImageStore: server-made names, atomic writes, retention.
 
-Names are 32 hex digits + ".png", made here; a lookup accepts nothing else, so no client string ever
+Names are 32 hex digits + ".png", ".jpg" or ".webp", made here; a lookup accepts nothing else, so no client string ever
 reaches the file system. A file appears under its final name only once complete (temp file + rename in
 the same folder), so a crash or a full disk never leaves half an image to serve.
 """
@@ -18,7 +18,10 @@ from pathlib import Path
 from api.errors import StorageError, StorageFull
 
 log = logging.getLogger(__name__)
-NAME_RE = re.compile(r"^[0-9a-f]{32}\.png$")
+NAME_RE = re.compile(r"^[0-9a-f]{32}\.(png|jpg|webp)$")
+SUFFIX = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+MEDIA_TYPE = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
+DEFAULT_QUALITY = 90
 
 
 class ImageStore:
@@ -32,8 +35,12 @@ class ImageStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
-    def new_name() -> str:
-        return f"{uuid.uuid4().hex}.png"
+    def new_name(output_format: str = "png") -> str:
+        return f"{uuid.uuid4().hex}.{SUFFIX[output_format]}"
+
+    @staticmethod
+    def media_type(name: str) -> str:
+        return MEDIA_TYPE[name.rsplit(".", 1)[-1]]
 
     def path_for(self, name: str) -> Path | None:
         if not NAME_RE.fullmatch(name):
@@ -41,11 +48,20 @@ class ImageStore:
         path = self.root / name
         return path if path.is_file() else None
 
-    def save(self, image, name: str | None = None) -> str:
-        """Encode a PIL image as PNG and publish it atomically; returns its name. Runs off the GPU thread."""
-        name = name or self.new_name()
+    def save(self, image, output_format: str = "png", quality: int | None = None) -> str:
+        """Encode a PIL image (png, jpeg or webp) and publish it atomically; returns its name. Runs off the GPU
+        thread. On a 1024² image jpeg takes a few ms against ~100 ms for png at zlib level 1."""
+        name = self.new_name(output_format)
         buf = io.BytesIO()
-        image.save(buf, format="PNG", compress_level=self.compress_level)
+        if output_format == "png":
+            image.save(buf, format="PNG", compress_level=self.compress_level)
+        elif output_format == "jpeg":
+            image.convert("RGB").save(buf, format="JPEG", quality=quality or DEFAULT_QUALITY)
+        elif output_format == "webp":
+            # method 0: the fastest encoder effort, measured half the time of Pillow's default 4 at 1024²
+            image.save(buf, format="WEBP", quality=quality or DEFAULT_QUALITY, method=0)
+        else:
+            raise ValueError(f"unknown output format {output_format!r}")
         self.write_bytes(name, buf.getvalue())
         return name
 

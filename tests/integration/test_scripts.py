@@ -252,6 +252,16 @@ def test_requests_through_nginx_spread_over_all_workers(fleet):
     assert status == 200 and headers.get("Content-Type") == "image/png" and raw[:4] == b"\x89PNG"
 
 
+@pytest.mark.parametrize("fmt, media_type, magic", [("jpeg", "image/jpeg", b"\xff\xd8\xff"),
+                                                    ("webp", "image/webp", b"RIFF")])
+def test_nginx_serves_jpeg_and_webp_with_their_media_types(fleet, fmt, media_type, magic):
+    status, _, raw = _request("POST", f"{fleet.url}/generate", dict(BODY, output_format=fmt))
+    assert status == 200, raw[:300]
+    image_url = json.loads(raw)["image_url"]
+    status, headers, data = _request("GET", f"{fleet.url}{image_url[image_url.index('/images/'):]}")
+    assert status == 200 and headers.get("Content-Type") == media_type and data.startswith(magic)
+
+
 def test_request_id_is_passed_through_and_logged(fleet):
     req = urllib.request.Request(f"{fleet.url}/generate", data=json.dumps(BODY).encode(), method="POST",
                                  headers={"Content-Type": "application/json", "X-Request-ID": "trace-abc123"})

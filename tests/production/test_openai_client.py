@@ -64,3 +64,23 @@ def test_invalid_requests_raise_the_clients_error_with_the_parameter(client, kwa
     assert err.value.status_code == 422
     body = err.value.body
     assert body.get("param") == param and body.get("type") == "invalid_request", body
+
+
+def test_output_format_and_compression_give_a_webp(client):
+    result = client.images.generate(model="flux", prompt="a red fox in snow", size="256x256",
+                                    response_format="b64_json", output_format="webp", output_compression=30)
+    raw = base64.b64decode(result.data[0].b64_json)
+    assert raw[:4] == b"RIFF" and raw[8:12] == b"WEBP", raw[:16]
+    url = client.images.generate(model="flux", prompt="a red fox in snow", size="256x256",
+                                 output_format="jpeg").data[0].url
+    assert url.endswith(".jpg")
+    image = httpx.get(url, timeout=10)
+    assert image.headers["content-type"] == "image/jpeg" and image.content[:3] == b"\xff\xd8\xff"
+
+
+def test_output_compression_for_a_png_is_refused_naming_the_field(client):
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        client.images.generate(model="flux", prompt="a red fox", size="256x256", output_format="png",
+                               output_compression=50)
+    assert caught.value.status_code == 422
+    assert "output_compression: applies to jpeg and webp only" in str(caught.value)

@@ -123,3 +123,13 @@ def test_attention_bench_says_it_needs_a_gpu_on_a_cpu():
     done = run_module(["bench.attention"], timeout=120)
     assert done.returncode == 2
     assert "needs a CUDA GPU" in done.stderr
+
+
+def test_encode_bench_times_every_format_on_both_images(tmp_path):
+    out = tmp_path / "encode.json"
+    done = run_module(["bench.encode", "--size", "64", "--runs", "1", "--json", str(out)], timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert {(r["image"], r["format"]) for r in rows} == {
+        (image, fmt) for image in ("random pixels", "gradient") for fmt in ("png", "png level 6", "jpeg", "webp")}
+    assert all(r["ms"] >= 0 and r["kib"] >= 0 for r in rows)

@@ -1,7 +1,10 @@
 """POST /generate end to end in process: response, image bytes, determinism, proxy URLs, service info."""
 from __future__ import annotations
 
+import io
+
 import pytest
+from PIL import Image
 
 from api import __version__
 from api.app import create_app
@@ -149,3 +152,43 @@ async def test_queue_stats_reports_its_fields_and_counts(app_for):
         assert after["completed"] == 2 and after["failed"] == 0
         assert after["seconds_per_image"] > 0 and after["avg_generate_s"] > 0
         assert after["avg_queue_wait_s"] >= 0
+
+
+@pytest.mark.parametrize("fmt, suffix, media_type, magic", [
+    ("jpeg", ".jpg", "image/jpeg", b"\xff\xd8\xff"),
+    ("webp", ".webp", "image/webp", b"RIFF"),
+    ("png", ".png", "image/png", b"\x89PNG"),
+])
+async def test_output_format_picks_the_encoding_the_name_and_the_media_type(app_for, fmt, suffix, media_type, magic):
+    server, _ = app_for("bf16")
+    async with server as http:
+        response = await http.post("/generate", json=dict(SMALL, output_format=fmt))
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["output_format"] == fmt and body["image_url"].endswith(suffix)
+        image = await http.get(body["image_url"])
+        assert image.headers["content-type"] == media_type and image.content.startswith(magic)
+        assert Image.open(io.BytesIO(image.content)).size == (SMALL["width"], SMALL["height"])
+
+
+async def test_quality_changes_a_jpeg_and_the_worker_default_format_applies(app_for):
+    server, _ = app_for("bf16", output_format="jpeg", output_quality=90)
+    async with server as http:
+        sizes = {}
+        for quality in (10, 95):
+            response = await http.post("/generate", json=dict(SMALL, output_quality=quality))
+            assert response.status_code == 200, response.text
+            assert response.json()["image_url"].endswith(".jpg")  # the worker's FLUX_OUTPUT_FORMAT
+            sizes[quality] = len((await http.get(response.json()["image_url"])).content)
+        assert sizes[10] < sizes[95]
+        refused = await http.post("/generate", json=dict(SMALL, output_format="png", output_quality=50))
+        assert refused.status_code == 422 and refused.json()["error"]["field"] == "output_quality"
+
+
+async def test_quality_without_a_format_on_a_png_worker_is_refused(app_for):
+    server, engine = app_for("bf16")
+    async with server as http:
+        response = await http.post("/generate", json=dict(SMALL, output_quality=50))
+        assert response.status_code == 422
+        assert response.json()["error"]["field"] == "output_quality"
+        assert engine.batches == []

@@ -189,3 +189,15 @@ async def test_images_route_refuses_anything_but_a_stored_name(bf16_engine, tmp_
         response = await http.get(path)
         assert_json_error(response, 404, "not_found")
         assert b"top secret" not in response.content
+
+
+@pytest.mark.parametrize("fmt, suffix, magic", [("png", ".png", b"\x89PNG"), ("jpeg", ".jpg", b"\xff\xd8\xff"),
+                                                ("webp", ".webp", b"RIFF")])
+def test_each_output_format_is_stored_found_and_swept(store, fmt, suffix, magic):
+    name = store.save(picture(), fmt, 80 if fmt != "png" else None)
+    assert name.endswith(suffix) and store.path_for(name) is not None
+    assert (store.root / name).read_bytes().startswith(magic)
+    assert store.media_type(name) == {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}[fmt]
+    old = os.path.getmtime(store.root / name) - 3600
+    os.utime(store.root / name, (old, old))
+    assert store.sweep(max_age_s=60) == 1 and store.path_for(name) is None

@@ -61,6 +61,11 @@ BAD_FIELDS = [
     ("string-guidance", with_fields(guidance_scale="high"), "guidance_scale"),
     ("zero-timeout", with_fields(timeout_s=0), "timeout_s"),
     ("unknown-field", with_fields(negative_prompt="blurry"), "negative_prompt"),
+    ("unknown-output-format", with_fields(output_format="gif"), "output_format"),
+    ("upper-case-output-format", with_fields(output_format="PNG"), "output_format"),
+    ("quality-for-png", with_fields(output_format="png", output_quality=80), "output_quality"),
+    ("zero-quality", with_fields(output_format="jpeg", output_quality=0), "output_quality"),
+    ("string-quality", with_fields(output_format="jpeg", output_quality="80"), "output_quality"),
 ]
 
 
