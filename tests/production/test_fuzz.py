@@ -13,11 +13,12 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from api.schemas import GenerateRequest
 from tests.production.conftest import QUICK_JOB, assert_error
 
 MAX_BODY = 65536  # FLUX_MAX_BODY_BYTES default
 OPENAI_ROUTE = "/v1/images/generations"
-NATIVE_FIELDS = {"prompt", "width", "height", "seed", "num_inference_steps", "guidance_scale", "timeout_s"}
+NATIVE_FIELDS = set(GenerateRequest.model_fields)
 # cheap when a case turns out valid by mistake: the test then fails on the 200, not on a long render
 NATIVE_BASE = dict(QUICK_JOB)
 OPENAI_BASE = {"prompt": "a quick render", "size": "256x256"}
@@ -64,8 +65,11 @@ bad_guidance = (not_number_nor_null | nan | st.floats(max_value=-1e-9) | st.floa
                 | st.integers(max_value=-1) | st.integers(min_value=31))
 bad_timeout = (not_number_nor_null | nan | st.floats(max_value=0.0) | st.floats(min_value=3600.000001)
                | st.integers(max_value=0) | st.integers(min_value=3601))
+bad_format = not_str_nor_null | strings.filter(lambda s: s not in ("png", "jpeg", "webp"))
+bad_quality = not_int_nor_null | st.integers(max_value=0) | st.integers(min_value=101)
 NATIVE_BAD = {"prompt": bad_prompt, "width": bad_side, "height": bad_side, "seed": bad_seed,
-              "num_inference_steps": bad_steps, "guidance_scale": bad_guidance, "timeout_s": bad_timeout}
+              "num_inference_steps": bad_steps, "guidance_scale": bad_guidance, "timeout_s": bad_timeout,
+              "output_format": bad_format, "output_quality": bad_quality}
 
 side_ints = st.integers(0, 99999)
 bad_size = (not_str_nor_null
@@ -81,6 +85,8 @@ OPENAI_BAD = {
     "response_format": not_str_nor_null | strings.filter(lambda s: s not in ("url", "b64_json")),
     "seed": not_int_nor_null | st.integers(max_value=-1) | st.integers(min_value=2**32),
     "model": not_str_nor_null, "quality": not_str_nor_null, "style": not_str_nor_null, "user": not_str_nor_null,
+    "output_format": not_str_nor_null | strings.filter(lambda s: s not in ("png", "jpeg", "webp")),
+    "output_compression": not_int_nor_null | st.integers(max_value=-1) | st.integers(min_value=101),
 }
 
 JSONISH = re.compile(r"^(application/json|.*\+json)$")
