@@ -3,7 +3,7 @@
 One worker has a one-slot queue, so it pushes back with 503 queue_full (deliberate backpressure, the only
 non-2xx allowed). Resident memory is read after the warm-up, half-way and at the end. A leak grows in both
 halves alike; the allocator settling (a new arena, a larger batch's buffers) happens once. So the second half
-may add at most 2.5% of the baseline (a planted leak of 60 KiB per /generate added 3.4-4.7%; clean runs at
+may add at most 2.5% of the baseline (a planted leak of 60 KiB per /generate added 3.4-5.4%; clean runs at
 most 1.3%), and the whole run at most 15%. Retention runs at a short TTL meanwhile, so finished jobs and images
 come and go as in production. Bounded to about two and a half minutes on two cores.
 """
