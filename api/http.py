@@ -88,9 +88,9 @@ def output_options(req: GenerateRequest, settings) -> dict:
     """The encoding of a request's image: its own output_format/output_quality, else the worker's defaults."""
     fmt = req.output_format or settings.output_format
     if fmt == "png":
-        if req.output_quality is not None:  # png by the worker's default, not by the request
-            raise InvalidRequest("output_quality: applies to jpeg and webp only; this worker writes png unless "
-                                 "output_format says otherwise", field="output_quality")
+        if req.output_quality is not None:  # png asked for, or the worker's default
+            raise InvalidRequest("output_quality: applies to jpeg and webp only; png is lossless",
+                                 field="output_quality")
         return {"output_format": fmt, "output_quality": None}
     return {"output_format": fmt, "output_quality": req.output_quality or settings.output_quality}
 

@@ -22,6 +22,7 @@ from api.http import (ensure_accepting, make_spec, output_options, parse_generat
 from api.queue import JobStatus
 from api.routes import job_response
 from api.runtime import Runtime, get_runtime
+from api.schemas import OutputFormat
 
 MAX_N = 4
 
@@ -38,7 +39,7 @@ class OpenAIImageRequest(BaseModel):
     quality: str | None = None
     style: str | None = None
     user: str | None = None
-    output_format: Literal["png", "jpeg", "webp"] | None = None
+    output_format: OutputFormat | None = None
     output_compression: int | None = Field(None, ge=0, le=100, strict=True)
 
     @field_validator("size")
@@ -74,6 +75,7 @@ async def images_generations(request: Request, rt: Runtime = Depends(get_runtime
         native["output_quality"] = max(1, 100 - oa.output_compression)
     try:
         req = parse_generate(native, rt.settings.max_prompt_chars)
+        output = output_options(req, rt.settings)
     except InvalidRequest as exc:  # name the OpenAI field, not ours
         field = {"width": "size", "height": "size", "output_quality": "output_compression"}.get(exc.field, exc.field)
         raise InvalidRequest(exc.message.replace(f"{exc.field}:", f"{field}:", 1), field=field) from None
@@ -84,8 +86,7 @@ async def images_generations(request: Request, rt: Runtime = Depends(get_runtime
         spec = make_spec(req, rt.info)
         if oa.seed is not None:
             spec = dataclasses.replace(spec, seed=(oa.seed + i) % 2**32)
-        jobs.append(rt.queue.submit(spec, timeout_s=timeout, request_id=request.state.request_id,
-                                    **output_options(req, rt.settings)))
+        jobs.append(rt.queue.submit(spec, timeout_s=timeout, request_id=request.state.request_id, **output))
     await asyncio.gather(*(wait_for_job(request, rt.queue, job) for job in jobs))
     failed = [job for job in jobs if job.status != JobStatus.succeeded]
     if failed:

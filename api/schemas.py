@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 256, 2048, 16
 MAX_PIXELS = 4_000_000  # 4 megapixels: 2048x1952 passes, 2048x2048 does not
@@ -47,13 +47,6 @@ class GenerateRequest(BaseModel):
     def _multiple_of_16(cls, value: int) -> int:
         if value % SIDE_MULTIPLE:
             raise ValueError(f"must be a multiple of {SIDE_MULTIPLE}")
-        return value
-
-    @field_validator("output_quality")
-    @classmethod
-    def _quality_needs_a_lossy_format(cls, value: int | None, info: ValidationInfo) -> int | None:
-        if value is not None and info.data.get("output_format") == "png":
-            raise ValueError("applies to jpeg and webp only; png is lossless")
         return value
 
     @field_validator("guidance_scale", "timeout_s")

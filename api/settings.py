@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from api.schemas import OutputFormat
+
 Precision = Literal["bf16", "fp4", "fp8"]
 
 
@@ -62,7 +64,7 @@ class Settings(BaseSettings):
 
     # storage and retention
     output_dir: str = "outputs"
-    output_format: Literal["png", "jpeg", "webp"] = Field("png", description="format of the images unless a "
+    output_format: OutputFormat = Field("png", description="format of the images unless a "
                                                           "request says (png: lossless; jpeg: fastest to encode)")
     output_quality: int = Field(90, ge=1, le=100, description="jpeg/webp quality unless a request says")
     png_compress_level: int = Field(1, ge=0, le=9, description="zlib level of the PNGs (1: fast, 9: smallest)")

@@ -1,7 +1,7 @@
 """ImageStore: server-made names, atomic writes, retention.
 
-Names are 32 hex digits + ".png", ".jpg" or ".webp", made here; a lookup accepts nothing else, so no client string ever
-reaches the file system. A file appears under its final name only once complete (temp file + rename in
+Names are 32 hex digits + ".png", ".jpg" or ".webp", made here; a lookup accepts nothing else, so no client
+string ever reaches the file system. A file appears under its final name only once complete (temp file + rename in
 the same folder), so a crash or a full disk never leaves half an image to serve.
 """
 from __future__ import annotations

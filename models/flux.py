@@ -85,15 +85,17 @@ def resolve_device(preference: str) -> torch.device:
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def check_attention_backend(name: str) -> None:
-    """Refuse an unknown diffusers attention backend name at load, on every device."""
+def custom_attention_backend(name: str) -> bool:
+    """True for a diffusers attention backend other than PyTorch's own choice; an unknown name is refused at load,
+    on every device."""
     if name in ("", "native"):
-        return
+        return False
     from diffusers.models.attention_dispatch import AttentionBackendName
 
     known = [b.value for b in AttentionBackendName]
     if name not in known:
         raise ValueError(f"unknown attention backend {name!r}; diffusers knows: {', '.join(known)}")
+    return True
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -147,7 +149,7 @@ class FluxEngine:
                 notes.append(f"fp8 is not available here ({why}); serving bf16 instead")
                 log.warning("%s", notes[-1])
                 precision = "bf16"
-        check_attention_backend(cfg.attention_backend)
+        custom_attention = custom_attention_backend(cfg.attention_backend)
         quantize = prec.fp4_replacer(device, dtype, cfg.fp4_quant_type) if precision == "fp4" else None
         started = time.perf_counter()
         if dummy.is_dummy(cfg.model):
@@ -170,9 +172,9 @@ class FluxEngine:
             prec.apply_fp8(pipe.transformer)
         if device.type == "cuda":
             pipe.vae.to(memory_format=torch.channels_last)
-            if cfg.attention_backend not in ("", "native"):
+            if custom_attention:
                 pipe.transformer.set_attention_backend(cfg.attention_backend)
-        elif cfg.attention_backend not in ("", "native"):
+        elif custom_attention:
             notes.append(f"attention backend {cfg.attention_backend} ignored on CPU")
         pipe.set_progress_bar_config(disable=True)
         compiled = False
