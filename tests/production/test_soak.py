@@ -3,9 +3,11 @@
 One worker has a one-slot queue, so it pushes back with 503 queue_full (deliberate backpressure, the only
 non-2xx allowed). Resident memory is read after the warm-up, half-way and at the end. A leak grows in both
 halves alike; the allocator settling (a new arena, a larger batch's buffers) happens once. So the second half
-may add at most 2.5% of the baseline (a planted leak of 60 KiB per /generate added 3.4-5.4%; clean runs at
-most 1.3%), and the whole run at most 15%. Retention runs at a short TTL meanwhile, so finished jobs and images
-come and go as in production. Bounded to about two and a half minutes on two cores.
+may add at most 5% of the baseline and the whole run at most 15%. Measured on two cores: clean runs added up
+to 22 MiB (3.9%) in the second half; a planted leak of 150 KiB per /generate added 49-62 MiB and failed both
+bounds, one of 60 KiB per /generate (19-30 MiB) is within the noise and not caught. Retention runs at a short
+TTL meanwhile, so finished jobs and images come and go as in production. Bounded to about two and a half
+minutes on two cores.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ GENERATIONS = 2000
 WARMUP = 300
 CONCURRENCY = 8
 MAX_RSS_GROWTH = 0.15  # whole run
-MAX_RSS_GROWTH_SECOND_HALF = 0.025  # of the baseline: 15 MiB on a 600 MiB worker
+MAX_RSS_GROWTH_SECOND_HALF = 0.05  # of the baseline: 30 MiB on a 600 MiB worker
 SIZE = {"width": 256, "height": 256, "num_inference_steps": 1}
 
 
