@@ -57,6 +57,7 @@ num_or_dash() { if [[ -n "$1" && "$1" != null ]]; then echo "$1"; else echo "-";
 
 # One screen. Sets UNHEALTHY to the number of problems found and TOTAL_COMPLETED.
 render() {
+    local -a fields
     local i port state stats util used total temp power queued running completed failed spi last_min
     local ready=0 sum_queued=0 sum_running=0 sum_completed=0 sum_failed=0 capacity=0 per_min=0 rate_known=0
     UNHEALTHY=0
@@ -81,12 +82,13 @@ render() {
         if [[ "$state" != down ]]; then
             http_get "http://127.0.0.1:$port/queue-stats" 2
             stats="$HTTP_BODY"
-            queued="$(num_or_dash "$(json_field queued "$stats")")"
-            running="$(num_or_dash "$(json_field running "$stats")")"
-            completed="$(num_or_dash "$(json_field completed "$stats")")"
-            failed="$(num_or_dash "$(json_field failed "$stats")")"
-            spi="$(num_or_dash "$(json_field seconds_per_image "$stats")")"
-            last_min="$(json_field images_last_minute "$stats")"
+            mapfile -t fields < <(json_get "$stats" queued running completed failed seconds_per_image images_last_minute)
+            queued="$(num_or_dash "${fields[0]:-}")"
+            running="$(num_or_dash "${fields[1]:-}")"
+            completed="$(num_or_dash "${fields[2]:-}")"
+            failed="$(num_or_dash "${fields[3]:-}")"
+            spi="$(num_or_dash "${fields[4]:-}")"
+            last_min="${fields[5]:-}"
             [[ "$last_min" =~ ^[0-9]+$ ]] && { per_min=$((per_min + last_min)); rate_known=1; }
         fi
         if [[ "$state" == ready ]]; then

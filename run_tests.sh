@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Run the test suite: installs what it needs on a fresh Debian/Ubuntu machine (nginx, shellcheck,
-# lsof as root through apt; ./.venv with requirements-dev.txt), then pytest. Arguments go to pytest.
+# Run the test suite: installs what it needs on a fresh Debian/Ubuntu machine (nginx and its
+# headers-more module, shellcheck, lsof as root through apt; ./.venv with requirements-dev.txt),
+# then pytest. Arguments go to pytest.
 #
 #   ./run_tests.sh                      everything (about 10 minutes on 2 cores)
 #   ./run_tests.sh tests/unit -x        a part
@@ -11,6 +12,9 @@ missing=()
 for tool in nginx shellcheck lsof curl; do
     command -v "$tool" >/dev/null 2>&1 || [[ -x "/usr/sbin/$tool" ]] || missing+=("$tool")
 done
+# nginx's headers-more module: the rendered config drops the `Server: nginx` header with it
+[[ -f /usr/lib/nginx/modules/ngx_http_headers_more_filter_module.so ]] ||
+    missing+=(libnginx-mod-http-headers-more-filter)
 if ((${#missing[@]})); then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
         echo "installing ${missing[*]} with apt-get"

@@ -189,31 +189,67 @@ wait_for_workers() {
 # ---------------------------------------------------------------------------------------------
 # Nginx
 # ---------------------------------------------------------------------------------------------
-worker_specs() {
-    local -a modes specs=()
+# The renderer's --worker arguments for the workers this run starts (id = port, as the workers use).
+worker_args() {
+    local -a modes
     local i
     read -r -a modes <<<"$MODES"
-    for ((i = 0; i < NUM_GPUS; i++)); do specs+=("$(worker_port "$i"):${modes[$i]}"); done
-    echo "${specs[@]}"
+    for ((i = 0; i < NUM_GPUS; i++)); do printf -- '--worker\n%s:%s\n' "$(worker_port "$i")" "${modes[$i]}"; done
 }
 
 nginx_listen() { if [[ -n "${NGINX_ADDR:-}" ]]; then echo "$NGINX_ADDR:$NGINX_PORT"; else echo "$NGINX_PORT"; fi; }
 
-# Writes the config nginx will run with and sets NGINX_CONF_USED and NGINX_G (the -g directives).
+# The common rendering options from the environment (rate limit, body size, read timeout).
+render_options() {
+    printf '%s\n' --listen "$(nginx_listen)" --max-body "${NGINX_MAX_BODY:-1m}" \
+        --read-timeout "${NGINX_READ_TIMEOUT:-600s}" --burst "${FLUX_RATE_BURST:-20}"
+    [[ -z "${FLUX_RATE_LIMIT:-}" ]] || printf '%s\n' --rate "$FLUX_RATE_LIMIT"
+}
+
+# The account nginx's workers run as when started as root: never root itself. NGINX_USER overrides;
+# else the owner of the output folder, else nobody (with Debian's nogroup where it exists).
+nginx_user() {
+    local owner
+    if [[ -n "${NGINX_USER:-}" ]]; then echo "$NGINX_USER"; return; fi
+    owner="$(stat -c %U "$OUTPUT_DIR" 2>/dev/null || true)"
+    if [[ -n "$owner" && "$owner" != root && "$owner" != UNKNOWN ]]; then echo "$owner"; return; fi
+    if getent group nogroup >/dev/null 2>&1; then echo "nobody nogroup"; else echo nobody; fi
+}
+
+# True when the account can read files in dir (it must reach the folder through every parent).
+user_can_read_dir() {
+    local account="$1" dir="$2"
+    have runuser || return 0
+    runuser -u "$account" -- test -r "$dir" -a -x "$dir" 2>/dev/null
+}
+
+# Writes the config nginx will run with (and workers.json next to it) and sets NGINX_CONF_USED and
+# NGINX_G (the -g directives). A rendered config that holds API keys (rate-limit map) is mode 0600.
 prepare_nginx_conf() {
-    local -a specs
+    local -a args
+    local account="" images="$OUTPUT_DIR"
     mkdir -p "$NGINX_PREFIX" "$NGINX_LOG_DIR" "$OUTPUT_DIR"
+    mapfile -t args < <(worker_args; render_options)
+    args+=(--web-dir "$FLUX_PROJECT_DIR/web" --workers-json "$NGINX_PREFIX/workers.json"
+        --headers-more auto --marker "$(nginx_marker_token)")
+    if [[ $EUID -eq 0 ]]; then
+        account="$(nginx_user)"
+        args+=(--user "$account")
+        if ! user_can_read_dir "${account%% *}" "$OUTPUT_DIR"; then
+            warn "nginx runs as ${account%% *}, which cannot read $OUTPUT_DIR: the workers serve /images/ instead"
+            images=""
+        fi
+    fi
+    [[ -z "$images" ]] || args+=(--images-dir "$images")
     if [[ -n "$CUSTOM_CONF" ]]; then
         NGINX_CONF_USED="$CUSTOM_CONF"
+        # the dashboard's list of workers, for a custom config that serves it
+        render_nginx "${args[@]}" --out "$NGINX_PREFIX/.unused.conf" --workers-json-out "$NGINX_PREFIX/workers.json" ||
+            return 1
+        rm -f "$NGINX_PREFIX/.unused.conf"
     else
-        read -r -a specs <<<"$(worker_specs)"
         NGINX_CONF_USED="$NGINX_PREFIX/nginx.conf"
-        render_nginx_conf "$(nginx_listen)" "$OUTPUT_DIR" "${FLUX_RATE_LIMIT:-}" "${specs[@]}" >"$NGINX_CONF_USED.tmp"
-        # As root nginx's workers would run as nobody and could not read the images.
-        if [[ $EUID -eq 0 ]]; then
-            sed -i "1a user $(stat -c %U "$OUTPUT_DIR");" "$NGINX_CONF_USED.tmp"
-        fi
-        mv "$NGINX_CONF_USED.tmp" "$NGINX_CONF_USED"
+        render_nginx "${args[@]}" --out "$NGINX_CONF_USED" --workers-json-out "$NGINX_PREFIX/workers.json" || return 1
     fi
     if grep -Eq '^[[:space:]]*daemon[[:space:]]' "$NGINX_CONF_USED"; then
         error "$NGINX_CONF_USED sets 'daemon'; remove it: this script runs nginx in the foreground itself"
@@ -224,7 +260,7 @@ prepare_nginx_conf() {
 }
 
 nginx_install_hint() {
-    if have apt-get; then echo "sudo apt-get install nginx"
+    if have apt-get; then echo "sudo apt-get install nginx libnginx-mod-http-headers-more-filter"
     elif have dnf; then echo "sudo dnf install nginx"
     elif have brew; then echo "brew install nginx"
     else echo "install nginx from your package manager"; fi
@@ -258,6 +294,8 @@ start_nginx() {
         return 1
     fi
     prepare_nginx_conf || return 1
+    [[ -n "$CUSTOM_CONF" ]] || grep -q '^load_module .*headers_more' "$NGINX_CONF_USED" ||
+        warn "nginx's headers-more module is missing, so responses carry 'Server: nginx' (sudo apt-get install libnginx-mod-http-headers-more-filter)"
     if ! nginx -t -q -p "$NGINX_PREFIX/" -c "$NGINX_CONF_USED" -g "$NGINX_G" >"$NGINX_PREFIX/test.log" 2>&1; then
         error "nginx -t rejected $NGINX_CONF_USED:"
         sed 's/^/    /' "$NGINX_PREFIX/test.log" >&2
@@ -296,7 +334,7 @@ print_table() {
         pid="$(live_pid "$(worker_pidfile "$i")" "$FLUX_PROJECT_DIR/main_")" || pid="-"
         state="$(worker_state "$port")"
         http_get "http://127.0.0.1:$port/" 2
-        model="$(json_field model "$HTTP_BODY")"
+        model="$(json_get "$HTTP_BODY" model)"
         [[ "$state" == ready ]] || all_ready=1
         printf '%-5s %-6s %-8s %-6s %-28s %s\n' "$i" "$port" "$pid" "${modes[$i]:-?}" "${model:--}" "$state"
     done
@@ -486,11 +524,13 @@ cmd_nginx() {
         >>"$NGINX_LOG_DIR/access.log" 2>>"$NGINX_LOG_DIR/error.log"
 }
 
+# The shipped nginx.conf / nginx_mixed.conf are this output for 8 GPUs (paths relative to nginx's prefix,
+# images proxied to the workers); `start` renders absolute paths and serves images from the shared folder.
 cmd_nginx_conf() {
-    local -a specs
+    local -a args
     resolve_settings
-    read -r -a specs <<<"$(worker_specs)"
-    render_nginx_conf "$(nginx_listen)" "" "${FLUX_RATE_LIMIT:-}" "${specs[@]}"
+    mapfile -t args < <(worker_args; render_options)
+    render_nginx "${args[@]}"
 }
 
 main() {

@@ -157,6 +157,9 @@ live_pid() {
 
 worker_marker() { worker_script "$1"; }
 nginx_marker() { echo "$NGINX_PREFIX"; }
+# What our nginx answers at /nginx-health: a token of this installation's prefix, so a program that merely
+# holds the port (or another nginx) is never taken for ours.
+nginx_marker_token() { printf '%s' "$NGINX_PREFIX" | sha256sum | cut -c1-16; }
 
 # Who listens on a TCP port: "pid/command", or "" when free.
 port_holder() {
@@ -202,10 +205,12 @@ http_get() {
     [[ "$out" == *$'\n'* ]] || HTTP_BODY=""
 }
 
-# Extracts a top-level scalar from a flat JSON object without needing jq.
-json_field() {
-    local key="$1" json="$2"
-    sed -n "s/.*\"$key\"[[:space:]]*:[[:space:]]*\"\{0,1\}\([^\",}]*\)\"\{0,1\}.*/\1/p" <<<"$json" | head -n 1
+# json_get JSON KEY...: one line per KEY with its top-level value ("" when missing, not a scalar, or not
+# JSON), control characters blanked. A real JSON parser: python3's, stdlib only.
+json_get() {
+    local json="$1"
+    shift
+    python3 "$RENDERER" json-get "$@" <<<"$json" 2>/dev/null || printf '\n%.0s' "$@"
 }
 
 # Worker state from /health: ready | loading | draining | failed | degraded | down.
@@ -213,291 +218,31 @@ worker_state() {
     local state
     http_get "http://127.0.0.1:$1/health" 2
     if [[ "$HTTP_CODE" == 000 ]]; then echo down; return; fi
-    state="$(json_field status "$HTTP_BODY")"
+    state="$(json_get "$HTTP_BODY" status)"
     if [[ "$HTTP_CODE" == 200 ]]; then echo "${state:-ready}"; else echo "${state:-http$HTTP_CODE}"; fi
 }
 
 # ---------------------------------------------------------------------------------------------
-# Nginx config
+# Nginx config: rendered by scripts/render_nginx.py from deploy/nginx/flux.conf.j2
 # ---------------------------------------------------------------------------------------------
-# render_nginx_conf LISTEN IMAGES_DIR RATE WORKER...
-#   LISTEN      port or addr:port nginx listens on
-#   IMAGES_DIR  absolute output folder served at /images/; "" proxies /images/ to the workers
-#   RATE        per-key rate limit (e.g. 10r/s) or "" for none
-#   WORKER      "port:precision" for every worker, e.g. 8000:fp4
-# Paths in the output are relative to nginx's prefix (start_multi_gpu.sh passes -p run/nginx/),
-# logs go to stdout/stderr (the script redirects them), so the same text passes `nginx -t` anywhere.
-render_nginx_conf() {
-    local listen="$1" images_dir="$2" rate="$3"
-    shift 3
-    local workers=("$@") w port prec p fast="" quality="" present=""
-    for p in $FLUX_PRECISIONS; do
-        for w in "${workers[@]}"; do
-            [[ "${w#*:}" == "$p" ]] && { present+=" $p"; break; }
-        done
+RENDERER="$FLUX_PROJECT_DIR/scripts/render_nginx.py"
+
+# The interpreter that can render (it needs jinja2): the workers' python, the project's .venv, python3.
+renderer_python() {
+    local py
+    for py in "${FLUX_PYTHON:-}" "${PYTHON:-}" "${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}" \
+        "$FLUX_PROJECT_DIR/.venv/bin/python" python3; do
+        [[ -n "$py" ]] || continue
+        if "$py" -c 'import jinja2' >/dev/null 2>&1; then echo "$py"; return 0; fi
     done
-    # Fast path: fp8 where present (fastest on H100), else fp4. Quality: bf16.
-    if [[ " $present " == *" fp8 "* ]]; then fast=fp8; elif [[ " $present " == *" fp4 "* ]]; then fast=fp4; fi
-    [[ " $present " == *" bf16 "* ]] && quality=bf16
-    local fast_upstream="flux_api_backend" quality_upstream="flux_api_backend"
-    [[ -n "$fast" ]] && fast_upstream="flux_${fast}_backend"
-    [[ -n "$quality" ]] && quality_upstream="flux_${quality}_backend"
-
-    cat <<EOF
-# FLUX API load balancer: ${#workers[@]} workers behind one endpoint.
-# Rendered by scripts/lib.sh (render_nginx_conf); start_multi_gpu.sh writes one for the workers it
-# actually starts to run/nginx/nginx.conf, so GPU count and ports never need editing by hand.
-# Print this file for other settings with: NUM_GPUS=4 BASE_PORT=9000 ./start_multi_gpu.sh nginx-conf
-#
-# Relative paths are relative to nginx's prefix (start_multi_gpu.sh runs nginx with
-# -p run/nginx/ and "daemon off", sending stdout to access.log and stderr to error.log).
-
-worker_processes auto;
-error_log stderr warn;
-
-events {
-    worker_connections 4096;
+    error "no python with jinja2 to render the nginx config: run ./start_multi_gpu.sh once (it creates .venv)" \
+        "or: pip install jinja2"
+    return 1
 }
 
-http {
-    types {
-        image/png  png;
-        image/jpeg jpg jpeg;
-        image/webp webp;
-        application/json json;
-    }
-    default_type application/json;
-    sendfile on;
-    tcp_nopush on;
-    server_tokens off;
-    keepalive_timeout 65s;
-
-    client_body_temp_path client_body_temp;
-    proxy_temp_path proxy_temp;
-    fastcgi_temp_path fastcgi_temp;
-    uwsgi_temp_path uwsgi_temp;
-    scgi_temp_path scgi_temp;
-
-    # The client's X-Request-ID when it sends one, else nginx's own; passed to the worker and logged.
-    map \$http_x_request_id \$flux_request_id {
-        ""      \$request_id;
-        default \$http_x_request_id;
-    }
-
-    log_format flux_json escape=json '{"time":"\$time_iso8601","request_id":"\$flux_request_id",'
-        '"remote_addr":"\$remote_addr","method":"\$request_method","uri":"\$request_uri",'
-        '"status":\$status,"bytes_sent":\$body_bytes_sent,"request_time":\$request_time,'
-        '"upstream":"\$upstream_addr","upstream_status":"\$upstream_status",'
-        '"upstream_time":"\$upstream_response_time","user_agent":"\$http_user_agent"}';
-    access_log /dev/stdout flux_json;
-
-EOF
-    if [[ -n "$rate" ]]; then
-        cat <<EOF
-    # Per-key rate limit: the API key (Bearer or X-API-Key), else the client address.
-    map \$http_authorization \$flux_bearer_key {
-        "~*^Bearer\\s+(?<key>\\S+)\$" \$key;
-        default "";
-    }
-    map "\$http_x_api_key\$flux_bearer_key" \$flux_rate_key {
-        ""      \$binary_remote_addr;
-        default "\$http_x_api_key\$flux_bearer_key";
-    }
-    limit_req_zone \$flux_rate_key zone=flux_per_key:10m rate=$rate;
-    limit_req_status 429;
-
-EOF
-    else
-        cat <<'EOF'
-    # Per-key rate limiting is off; FLUX_RATE_LIMIT=10r/s ./start_multi_gpu.sh renders it
-    # (limit_req keyed on the API key, 429 JSON with Retry-After).
-
-EOF
-    fi
-
-    # One upstream for all, one per precision present, one per worker (job routing).
-    echo "    upstream flux_api_backend {"
-    echo "        least_conn;"
-    echo "        zone flux_api_backend 256k;"
-    for w in "${workers[@]}"; do
-        port="${w%%:*}"
-        echo "        server 127.0.0.1:$port max_fails=3 fail_timeout=30s;  # GPU $((port - ${workers[0]%%:*})) ${w#*:}"
-    done
-    echo "        keepalive 32;"
-    echo "        keepalive_timeout 60s;  # below the workers' keep-alive (FLUX_KEEPALIVE_TIMEOUT_S, 75 s)"
-    echo "    }"
-    echo
-    for p in $present; do
-        echo "    upstream flux_${p}_backend {"
-        echo "        least_conn;"
-        echo "        zone flux_${p}_backend 64k;"
-        for w in "${workers[@]}"; do
-            [[ "${w#*:}" == "$p" ]] && echo "        server 127.0.0.1:${w%%:*} max_fails=3 fail_timeout=30s;"
-        done
-        echo "        keepalive 32;"
-        echo "        keepalive_timeout 60s;"
-        echo "    }"
-        echo
-    done
-    echo "    # A job id starts with its worker's id (the port), so polls and cancels reach the owner."
-    echo "    # Only known workers are listed: a URL can never name an arbitrary port."
-    echo "    map \$uri \$flux_job_upstream {"
-    echo "        default \"\";"
-    for w in "${workers[@]}"; do
-        echo "        ~^/jobs/${w%%:*}- flux_worker_${w%%:*};"
-    done
-    echo "    }"
-    echo
-    for w in "${workers[@]}"; do
-        echo "    upstream flux_worker_${w%%:*} {"
-        echo "        zone flux_worker_${w%%:*} 64k;"
-        echo "        server 127.0.0.1:${w%%:*};"
-        echo "        keepalive 8;"
-        echo "        keepalive_timeout 60s;"
-        echo "    }"
-    done
-    echo
-
-    local limit="" read_timeout="${NGINX_READ_TIMEOUT:-600s}"
-    if [[ -n "$rate" && "${FLUX_RATE_BURST:-20}" == 0 ]]; then
-        limit="limit_req zone=flux_per_key;"   # nginx refuses burst=0: no burst is written instead
-    elif [[ -n "$rate" ]]; then
-        limit="limit_req zone=flux_per_key burst=${FLUX_RATE_BURST:-20} nodelay;"
-    fi
-    cat <<EOF
-    server {
-        listen $listen;
-        client_max_body_size ${NGINX_MAX_BODY:-1m};
-
-        proxy_http_version 1.1;
-        proxy_set_header Connection "";
-        proxy_set_header Host \$http_host;
-        proxy_set_header X-Real-IP \$remote_addr;
-        proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-        proxy_set_header X-Forwarded-Proto \$scheme;
-        proxy_set_header X-Request-ID \$flux_request_id;
-
-        # A dead worker refuses the connection at once: try the next one. A POST that already
-        # reached a worker is never sent twice (no non_idempotent), and a worker's 503 (queue
-        # full, draining) goes back to the client with its Retry-After without marking it down.
-        proxy_next_upstream error timeout;
-        proxy_connect_timeout 3s;
-        proxy_send_timeout 60s;
-        # Longer than the worst queue wait plus a generation.
-        proxy_read_timeout $read_timeout;
-
-        error_page 502 /_flux_errors/502;
-        error_page 504 /_flux_errors/504;
-        error_page 413 /_flux_errors/413;
-        error_page 429 /_flux_errors/429;
-
-        location = /generate {
-            $limit
-            proxy_pass http://flux_api_backend;
-        }
-
-        # Mixed deployments: fast and quality pools; the worker sees a plain /generate.
-        location = /generate/fast {
-            $limit
-            proxy_pass http://$fast_upstream/generate;
-        }
-
-        location = /generate/quality {
-            $limit
-            proxy_pass http://$quality_upstream/generate;
-        }
-
-        location /v1/ {
-            $limit
-            proxy_pass http://flux_api_backend;
-        }
-
-        location = /jobs {
-            $limit
-            proxy_pass http://flux_api_backend;
-        }
-
-        location /jobs/ {
-            if (\$flux_job_upstream = "") {
-                return 404 '{"error":{"code":"job_not_found","message":"unknown job id"}}\n';
-            }
-            proxy_pass http://\$flux_job_upstream;
-        }
-
-        # Server-sent progress events: no buffering, long reads.
-        location ~ ^/jobs/[^/]+/events\$ {
-            if (\$flux_job_upstream = "") {
-                return 404 '{"error":{"code":"job_not_found","message":"unknown job id"}}\n';
-            }
-            proxy_buffering off;
-            proxy_cache off;
-            proxy_read_timeout 3600s;
-            proxy_pass http://\$flux_job_upstream;
-        }
-
-EOF
-    if [[ -n "$images_dir" ]]; then
-        cat <<EOF
-        # Images straight from the shared output folder; a miss asks a worker.
-        location /images/ {
-            alias $images_dir/;
-            add_header Cache-Control "public, max-age=3600";
-            error_page 404 = @image_from_worker;
-        }
-
-        location @image_from_worker {
-            proxy_pass http://flux_api_backend;
-        }
-
-EOF
-    else
-        cat <<'EOF'
-        # Images: every worker serves the shared output folder (start_multi_gpu.sh renders an alias
-        # to the folder instead so nginx sends the files itself).
-        location /images/ {
-            proxy_pass http://flux_api_backend;
-        }
-
-EOF
-    fi
-    cat <<'EOF'
-        # Scrape workers one by one for Prometheus; through the balancer only from this host.
-        location = /metrics {
-            allow 127.0.0.1;
-            allow ::1;
-            deny all;
-            proxy_pass http://flux_api_backend;
-        }
-
-        location / {
-            proxy_pass http://flux_api_backend;
-        }
-
-        location = /_flux_errors/502 {
-            internal;
-            add_header X-Request-ID $flux_request_id always;
-            return 502 '{"error":{"code":"bad_gateway","message":"no worker could answer; retry shortly"}}\n';
-        }
-
-        location = /_flux_errors/504 {
-            internal;
-            add_header X-Request-ID $flux_request_id always;
-            return 504 '{"error":{"code":"gateway_timeout","message":"the worker did not answer in time"}}\n';
-        }
-
-        location = /_flux_errors/413 {
-            internal;
-            add_header X-Request-ID $flux_request_id always;
-            return 413 '{"error":{"code":"payload_too_large","message":"request body too large"}}\n';
-        }
-
-        location = /_flux_errors/429 {
-            internal;
-            add_header X-Request-ID $flux_request_id always;
-            add_header Retry-After 1 always;
-            return 429 '{"error":{"code":"rate_limited","message":"too many requests for this key"}}\n';
-        }
-    }
-}
-EOF
+# render_nginx ARGS...: scripts/render_nginx.py's options (--listen, --worker port:precision, --out, ...).
+render_nginx() {
+    local py
+    py="$(renderer_python)" || return 1
+    "$py" "$RENDERER" "$@"
 }
