@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.nginx_proc import world_readable_tmp
 from tests.ports import free_port_block, port_free
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,7 +95,8 @@ class Fleet:
             "FLUX_PYTHON": sys.executable,
             "FLUX_RUN_DIR": str(tmp / "run"),
             "FLUX_LOG_DIR": str(tmp / "logs"),
-            "FLUX_OUTPUT_DIR": str(tmp / "outputs"),
+            # a folder nginx's unprivileged workers can read (pytest's tmp is 0700 for root)
+            "FLUX_OUTPUT_DIR": str(world_readable_tmp(tmp)),
             "NGINX_LOG_DIR": str(tmp / "logs"),
             "FLUX_HEALTH_TIMEOUT": "180",
             "FLUX_DRAIN_TIMEOUT": "10",
@@ -132,6 +134,7 @@ def fleet(tmp_path_factory):
         for pid in pids:  # never leave a process behind, even when stop is broken
             if _pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(f.env["FLUX_OUTPUT_DIR"], ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,6 +253,33 @@ def test_requests_through_nginx_spread_over_all_workers(fleet):
     path = image_url[image_url.index("/images/"):]
     status, headers, raw = _request("GET", f"{fleet.url}{path}")
     assert status == 200 and headers.get("Content-Type") == "image/png" and raw[:4] == b"\x89PNG"
+    # from the folder by nginx itself (the worker does not say immutable), with the request's id
+    assert headers.get("Cache-Control") == "public, max-age=86400, immutable"
+    assert headers.get("X-Request-ID")
+
+
+def test_the_same_idempotency_key_reaches_the_same_worker(fleet):
+    """least_conn would spread six retries over the workers, each generating its own image; hashed on the
+    key they all reach one worker, which answers the first job every time."""
+    out = Path(fleet.env["FLUX_OUTPUT_DIR"])
+    before = len(list(out.iterdir()))
+    key = f"retry-{time.time_ns()}"
+    answers = []
+    for _ in range(6):
+        req = urllib.request.Request(f"{fleet.url}/generate", data=json.dumps(BODY).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", "Idempotency-Key": key})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            answers.append(json.loads(resp.read()))
+    assert len({a["job_id"] for a in answers}) == 1, [a["job_id"] for a in answers]
+    assert len(list(out.iterdir())) == before + 1
+
+
+def test_nginx_workers_do_not_run_as_root(fleet):
+    if os.geteuid() != 0:
+        pytest.skip("only a root start chooses the account")
+    master = int((fleet.tmp / "run" / "nginx.pid").read_text().split()[0])
+    users = subprocess.run(["ps", "-o", "user=", "--ppid", str(master)], capture_output=True, text=True).stdout.split()
+    assert users and "root" not in users, users
 
 
 @pytest.mark.parametrize("fmt, media_type, magic", [("jpeg", "image/jpeg", b"\xff\xd8\xff"),
