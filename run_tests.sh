@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 missing=()
-for tool in nginx shellcheck lsof curl; do
+for tool in nginx shellcheck lsof curl wrk; do
     command -v "$tool" >/dev/null 2>&1 || [[ -x "/usr/sbin/$tool" ]] || missing+=("$tool")
 done
 # nginx's headers-more module: the rendered config drops the `Server: nginx` header with it
