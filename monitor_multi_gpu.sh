@@ -4,11 +4,16 @@
 # Usage: ./monitor_multi_gpu.sh [--once] [--errors] [--interval SECONDS]
 #   (none)         refresh every 2 s until Ctrl-C
 #   --once         print once; exit 1 when any worker is not ready or nginx is down (cron, CI)
-#   --errors       also show the last error lines of every worker log
+#   --errors       also show the last error lines of every worker log, from its current run (since the
+#                  worker last started)
+#   --all-errors   --errors, plus earlier runs' errors, each marked [earlier run]
 #   --interval N   seconds between refreshes (default 2)
 #
-# Which workers: the set start_multi_gpu.sh recorded in run/state; without it, NUM_GPUS workers
-# from BASE_PORT (the same defaults as start_multi_gpu.sh).
+# Which workers: the records in run/ written by whichever start_multi_gpu.sh entry point started them
+# (start, or the systemd units' `worker N` / `nginx`); without them, NUM_GPUS workers from BASE_PORT
+# (the same defaults as start_multi_gpu.sh). nginx is "up" only when the nginx on the port is this
+# installation's (its /nginx-health token, or our pid holding the port); text from workers and logs is
+# printed without control characters.
 #
 # Environment:
 #   NUM_GPUS        workers to watch (default: as started, else every GPU nvidia-smi lists, 1 on CPU)
@@ -29,17 +34,58 @@ source "$(dirname "${BASH_SOURCE[0]}")/scripts/lib.sh"
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 
+# The workers to watch: the records start_multi_gpu.sh's entry points write (start, or the systemd units'
+# `worker N`), unless NUM_GPUS/BASE_PORT are given; without records, NUM_GPUS workers from BASE_PORT.
 resolve_targets() {
+    local f i port
     load_paths
-    [[ -n "$NUM_GPUS" ]] || NUM_GPUS="$(state_get NUM_GPUS 2>/dev/null || true)"
-    [[ -n "$NUM_GPUS" ]] || NUM_GPUS="$(detect_gpu_count)"
-    [[ -n "$BASE_PORT" ]] || BASE_PORT="$(state_get BASE_PORT 2>/dev/null || true)"
-    [[ -n "$BASE_PORT" ]] || BASE_PORT=8000
+    GPUS=() PORTS=() LOGS=()
+    if [[ -z "$NUM_GPUS" && -z "$BASE_PORT" ]]; then
+        while IFS= read -r f; do
+            i="$(record_get "$f" GPU)"
+            port="$(record_get "$f" PORT)"
+            [[ "$i" =~ ^[0-9]+$ && "$port" =~ ^[0-9]+$ ]] || continue
+            GPUS+=("$i") PORTS+=("$port") LOGS+=("$(record_get "$f" LOG)")
+        done < <(worker_records)
+    fi
+    if ((${#GPUS[@]} == 0)); then
+        [[ -n "$NUM_GPUS" ]] || NUM_GPUS="$(state_get NUM_GPUS 2>/dev/null || true)"
+        [[ -n "$NUM_GPUS" ]] || NUM_GPUS="$(detect_gpu_count)"
+        [[ -n "$BASE_PORT" ]] || BASE_PORT="$(state_get BASE_PORT 2>/dev/null || true)"
+        [[ -n "$BASE_PORT" ]] || BASE_PORT=8000
+        [[ "$NUM_GPUS" =~ ^[1-9][0-9]*$ ]] || fatal "NUM_GPUS must be a positive number, got '$NUM_GPUS'"
+        [[ "$BASE_PORT" =~ ^[0-9]+$ ]] || fatal "BASE_PORT must be a number, got '$BASE_PORT'"
+        for ((i = 0; i < NUM_GPUS; i++)); do
+            GPUS+=("$i") PORTS+=("$((BASE_PORT + i))") LOGS+=("$LOG_DIR/flux_gpu${i}_port$((BASE_PORT + i)).log")
+        done
+    fi
+    NUM_GPUS="${#GPUS[@]}"
+    [[ -n "$NGINX_PORT" ]] || NGINX_PORT="$(record_get "$(nginx_record)" PORT 2>/dev/null || true)"
     [[ -n "$NGINX_PORT" ]] || NGINX_PORT="$(state_get NGINX_PORT 2>/dev/null || true)"
     [[ -n "$NGINX_PORT" ]] || NGINX_PORT=80
     NGINX_EXPECTED="$(state_get NGINX 2>/dev/null || true)"
-    [[ "$NUM_GPUS" =~ ^[1-9][0-9]*$ ]] || fatal "NUM_GPUS must be a positive number, got '$NUM_GPUS'"
-    [[ "$BASE_PORT" =~ ^[0-9]+$ ]] || fatal "BASE_PORT must be a number, got '$BASE_PORT'"
+    [[ -f "$(nginx_record)" ]] && NGINX_EXPECTED=up
+    return 0
+}
+
+# Prints text from workers and logs without control characters (no escape sequence reaches the terminal).
+clean() { LC_ALL=C tr -d '\000-\010\013-\037\177' | LC_ALL=C tr '\011' ' '; }
+
+# "ours" when the nginx on the port is the one this installation runs: the rendered config answers
+# /nginx-health with this prefix's token; a custom (-c) config is ours when our nginx pid holds the port.
+# Else the holder ("pid/command") or "" when the port is free.
+nginx_probe() {
+    local host="${NGINX_ADDR:-127.0.0.1}" holder pid
+    [[ "$host" == 0.0.0.0 || "$host" == "*" ]] && host=127.0.0.1
+    http_get "http://$host:$NGINX_PORT/nginx-health" 2
+    if [[ "$HTTP_CODE" == 200 && "$HTTP_BODY" == "flux-nginx $(nginx_marker_token)" ]]; then echo ours; return; fi
+    holder="$(port_holder "$NGINX_PORT")"
+    if pid="$(live_pid "$(nginx_pidfile)" "$(nginx_marker)")" && [[ -n "$holder" ]] &&
+        { [[ "${holder%%/*}" == "$pid" ]] || [[ "$(ps -o ppid= -p "${holder%%/*}" 2>/dev/null | tr -d ' ')" == "$pid" ]]; }; then
+        echo ours
+        return
+    fi
+    echo "$holder"
 }
 
 # Fills GPU_LINE[index] with "util mem_used mem_total temp power" from nvidia-smi.
@@ -53,31 +99,31 @@ read_gpu_stats() {
         --format=csv,noheader,nounits 2>/dev/null || true)
 }
 
-num_or_dash() { if [[ -n "$1" && "$1" != null ]]; then echo "$1"; else echo "-"; fi; }
+num_or_dash() { if [[ "$1" =~ ^[0-9]+([.][0-9]+)?$ ]]; then echo "$1"; else echo "-"; fi; }
 
 # One screen. Sets UNHEALTHY to the number of problems found and TOTAL_COMPLETED.
 render() {
     local -a fields
-    local i port state stats util used total temp power queued running completed failed spi last_min
+    local g i port state stats util nginx used total temp power queued running completed failed spi last_min
     local ready=0 sum_queued=0 sum_running=0 sum_completed=0 sum_failed=0 capacity=0 per_min=0 rate_known=0
     UNHEALTHY=0
     read_gpu_stats
-    banner "FLUX multi-GPU monitor  $(date '+%F %T')  ($NUM_GPUS workers from port $BASE_PORT)"
+    banner "FLUX multi-GPU monitor  $(date '+%F %T')  ($NUM_GPUS workers on ports ${PORTS[*]})"
     echo
     printf '%-4s %-6s %-16s %-6s %-7s\n' GPU UTIL "MEMORY MiB" TEMP POWER
-    for ((i = 0; i < NUM_GPUS; i++)); do
-        if [[ -n "${GPU_LINE[i]:-}" ]]; then
-            read -r util used total temp power <<<"${GPU_LINE[i]}"
-            printf '%-4s %-6s %-16s %-6s %-7s\n' "$i" "${util}%" "$used/$total" "${temp}C" "${power%.*}W"
+    for g in "${GPUS[@]}"; do
+        if [[ -n "${GPU_LINE[g]:-}" ]]; then
+            read -r util used total temp power <<<"${GPU_LINE[g]}"
+            printf '%-4s %-6s %-16s %-6s %-7s\n' "$g" "${util}%" "$used/$total" "${temp}C" "${power%.*}W"
         else
-            printf '%-4s %-6s %-16s %-6s %-7s\n' "$i" n/a n/a n/a n/a
+            printf '%-4s %-6s %-16s %-6s %-7s\n' "$g" n/a n/a n/a n/a
         fi
     done
     echo
     printf '%-4s %-6s %-9s %-7s %-8s %-10s %-7s %-8s\n' GPU PORT STATE QUEUED RUNNING COMPLETED FAILED S/IMAGE
     for ((i = 0; i < NUM_GPUS; i++)); do
-        port=$((BASE_PORT + i))
-        state="$(worker_state "$port")"
+        port="${PORTS[i]}" g="${GPUS[i]}"
+        state="$(worker_state "$port" | clean)"
         queued="-" running="-" completed="-" failed="-" spi="-"
         if [[ "$state" != down ]]; then
             http_get "http://127.0.0.1:$port/queue-stats" 2
@@ -93,10 +139,10 @@ render() {
         fi
         if [[ "$state" == ready ]]; then
             ready=$((ready + 1))
-            printf '%-4s %-6s %s%-9s%s' "$i" "$port" "$C_GREEN" "$state" "$C_RESET"
+            printf '%-4s %-6s %s%-9s%s' "$g" "$port" "$C_GREEN" "$state" "$C_RESET"
         else
             UNHEALTHY=$((UNHEALTHY + 1))
-            printf '%-4s %-6s %s%-9s%s' "$i" "$port" "$C_RED" "$state" "$C_RESET"
+            printf '%-4s %-6s %s%-9s%s' "$g" "$port" "$C_RED" "$state" "$C_RESET"
         fi
         printf ' %-7s %-8s %-10s %-7s %-8s\n' "$queued" "$running" "$completed" "$failed" "$spi"
         [[ "$queued" =~ ^[0-9]+$ ]] && sum_queued=$((sum_queued + queued))
@@ -106,8 +152,13 @@ render() {
         [[ "$spi" =~ ^[0-9.]+$ ]] && capacity="$(awk -v c="$capacity" -v s="$spi" 'BEGIN { if (s > 0) c += 60 / s; print c }')"
     done
     echo
-    if port_in_use "$NGINX_PORT"; then
+    nginx="$(nginx_probe | clean)"
+    if [[ "$nginx" == ours ]]; then
         printf 'nginx: %sup%s on port %s\n' "$C_GREEN" "$C_RESET" "$NGINX_PORT"
+    elif [[ -n "$nginx" ]]; then
+        printf 'nginx: %snot ours%s: port %s is held by %s, which is not this installation'"'"'s nginx\n' \
+            "$C_RED" "$C_RESET" "$NGINX_PORT" "$nginx"
+        UNHEALTHY=$((UNHEALTHY + 1))
     elif [[ "$NGINX_EXPECTED" == none ]]; then
         printf 'nginx: not used (direct access to the workers)\n'
     else
@@ -125,33 +176,50 @@ render() {
 # Log levels and Python failures; case-sensitive so the logger name "uvicorn.error" is no hit.
 ERROR_PATTERN='\b(ERROR|CRITICAL|FATAL)\b|Traceback|[A-Za-z]+(Error|Exception):|out of memory|Killed'
 
+# The current run of a log starts at its last "=== <date> start GPU ..." line (written by every entry point
+# that starts a worker). Its errors are shown; earlier runs' only with --all-errors, each marked.
 show_errors() {
-    local i log lines line
+    local i log lines old_lines start old_count
     echo
-    banner "Recent errors (last ${ERROR_LINES:-5} per log)"
+    banner "Recent errors (last ${ERROR_LINES:-5} per log, this run$( ((ALL_ERRORS)) && echo ' and earlier runs'))"
     for ((i = 0; i < NUM_GPUS; i++)); do
-        log="$LOG_DIR/flux_gpu${i}_port$((BASE_PORT + i)).log"
+        log="${LOGS[i]:-}"
+        [[ -n "$log" ]] || log="$LOG_DIR/flux_gpu${GPUS[i]}_port${PORTS[i]}.log"
         if [[ ! -f "$log" ]]; then
-            echo "GPU $i: no log at $log"
+            echo "GPU ${GPUS[i]}: no log at $log" | clean
             continue
         fi
-        lines="$(grep -aE "$ERROR_PATTERN" "$log" | tail -n "${ERROR_LINES:-5}" || true)"
+        start="$(grep -an '^=== .* start GPU ' "$log" | tail -n 1 | cut -d: -f1)"
+        start="${start:-0}"
+        lines="$(grep -anE "$ERROR_PATTERN" "$log" | awk -F: -v s="$start" '$1 > s' | cut -d: -f2- |
+            tail -n "${ERROR_LINES:-5}" || true)"
+        old_lines="$(grep -anE "$ERROR_PATTERN" "$log" | awk -F: -v s="$start" '$1 < s' | cut -d: -f2- || true)"
+        old_count=0
+        [[ -n "$old_lines" ]] && old_count="$(wc -l <<<"$old_lines")"
         if [[ -z "$lines" ]]; then
-            echo "GPU $i: no errors ($log)"
+            echo "GPU ${GPUS[i]}: no errors in this run ($log)" | clean
         else
-            echo "GPU $i: $log"
-            while IFS= read -r line; do printf '    %s\n' "$line"; done <<<"$lines"
+            echo "GPU ${GPUS[i]}: $log" | clean
+            printf '%s\n' "$lines" | clean | sed 's/^/    /'
+        fi
+        if ((old_count > 0)); then
+            if ((ALL_ERRORS)); then
+                printf '%s\n' "$old_lines" | tail -n "${ERROR_LINES:-5}" | clean | sed 's/^/    [earlier run] /'
+            else
+                echo "    ($old_count error lines from earlier runs: --all-errors shows them)"
+            fi
         fi
     done
 }
 
 main() {
     local once=0 interval=2
-    SHOW_ERRORS=0
+    SHOW_ERRORS=0 ALL_ERRORS=0
     while (($# > 0)); do
         case "$1" in
             --once) once=1 ;;
             --errors) SHOW_ERRORS=1 ;;
+            --all-errors) SHOW_ERRORS=1; ALL_ERRORS=1 ;;
             --interval) interval="${2:?--interval needs seconds}"; shift ;;
             -h | --help) usage; exit 0 ;;
             *) error "unknown argument '$1'"; usage >&2; exit 2 ;;

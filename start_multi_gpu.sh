@@ -46,6 +46,7 @@ set -euo pipefail
 
 NUM_GPUS="${NUM_GPUS:-}"          # empty: every GPU nvidia-smi lists (1 in CPU mode)
 BASE_PORT="${BASE_PORT:-8000}"
+NGINX_PORT_GIVEN="${NGINX_PORT:+1}"  # set in the environment: a -c file's port must agree with it
 NGINX_PORT="${NGINX_PORT:-80}"
 
 # shellcheck source=scripts/lib.sh
@@ -135,6 +136,8 @@ launch_worker() {
     (cd "$FLUX_PROJECT_DIR" && exec "${launcher[@]}" env "${WORKER_ENV[@]}" "$PYTHON" "$script") \
         >>"$log" 2>&1 </dev/null &
     echo $! >"$(worker_pidfile "$i")"
+    write_record "$(worker_record "$i")" "PID=$!" "GPU=$i" "PORT=$(worker_port "$i")" "PRECISION=$prec" \
+        "STARTED_AT=$(date +%s)" "LOG=$log"
 }
 
 show_log_tail() {
@@ -299,8 +302,7 @@ start_nginx() {
     if ! nginx -t -q -p "$NGINX_PREFIX/" -c "$NGINX_CONF_USED" -g "$NGINX_G" >"$NGINX_PREFIX/test.log" 2>&1; then
         error "nginx -t rejected $NGINX_CONF_USED:"
         sed 's/^/    /' "$NGINX_PREFIX/test.log" >&2
-        warn "falling back to direct access to the workers"
-        return 1
+        return 2
     fi
     local launcher=()
     have setsid && launcher=(setsid)
@@ -308,36 +310,51 @@ start_nginx() {
         >>"$NGINX_LOG_DIR/access.log" 2>>"$NGINX_LOG_DIR/error.log" </dev/null &
     pid=$!
     echo "$pid" >"$(nginx_pidfile)"
+    write_record "$(nginx_record)" "PID=$pid" "PORT=$NGINX_PORT" "CONF=$NGINX_CONF_USED" "STARTED_AT=$(date +%s)"
     for ((i = 0; i < 50; i++)); do
         if ! kill -0 "$pid" 2>/dev/null; then break; fi
-        port_in_use "$NGINX_PORT" && { info "nginx (pid $pid) listening on port $NGINX_PORT"; return 0; }
+        holder="$(port_holder "$NGINX_PORT")"
+        [[ "$holder" == */nginx* ]] && { info "nginx (pid $pid) listening on port $NGINX_PORT"; return 0; }
         sleep 0.1
     done
-    error "nginx did not start"
+    if kill -0 "$pid" 2>/dev/null; then
+        # ours, started a moment ago, yet not on the port we expected: never leave it half-started
+        error "nginx (pid $pid) runs but does not listen on port $NGINX_PORT after 5 s; stopping it"
+        signal_tree QUIT "$pid"
+    else
+        error "nginx did not start"
+    fi
     show_log_tail "$NGINX_LOG_DIR/error.log" 10
-    kill "$pid" 2>/dev/null || true
-    rm -f "$(nginx_pidfile)"
-    warn "falling back to direct access to the workers"
-    return 1
+    rm -f "$(nginx_pidfile)" "$(nginx_record)"
+    return 2
 }
 
 # ---------------------------------------------------------------------------------------------
 # Subcommands
 # ---------------------------------------------------------------------------------------------
+# One line per worker record: what runs, with the precision the worker reports it serves (GET /), which can
+# differ from the one asked for (e.g. fp8 falling back on a GPU without fp8 support).
 print_table() {
-    local -a modes
-    local i port pid state model all_ready=0
-    read -r -a modes <<<"$MODES"
-    printf '%-5s %-6s %-8s %-6s %-28s %s\n' GPU PORT PID PREC MODEL STATE
-    for ((i = 0; i < NUM_GPUS; i++)); do
-        port="$(worker_port "$i")"
+    local -a fields
+    local f i port pid state model prec want all_ready=0
+    printf '%-5s %-6s %-8s %-16s %-28s %s\n' GPU PORT PID PREC MODEL STATE
+    while IFS= read -r f; do
+        i="$(record_get "$f" GPU)"
+        port="$(record_get "$f" PORT)"
+        want="$(record_get "$f" PRECISION)"
+        [[ "$i" =~ ^[0-9]+$ && "$port" =~ ^[0-9]+$ ]] || continue
         pid="$(live_pid "$(worker_pidfile "$i")" "$FLUX_PROJECT_DIR/main_")" || pid="-"
         state="$(worker_state "$port")"
         http_get "http://127.0.0.1:$port/" 2
-        model="$(json_get "$HTTP_BODY" model)"
+        mapfile -t fields < <(json_get "$HTTP_BODY" model precision requested_precision)
+        model="${fields[0]:-}"
+        prec="${fields[1]:-}"
+        [[ -n "${fields[2]:-}" ]] && want="${fields[2]}"
+        if [[ -z "$prec" ]]; then prec="${want:-?}?"
+        elif [[ -n "$want" && "$want" != "$prec" ]]; then prec="$prec (asked $want)"; fi
         [[ "$state" == ready ]] || all_ready=1
-        printf '%-5s %-6s %-8s %-6s %-28s %s\n' "$i" "$port" "$pid" "${modes[$i]:-?}" "${model:--}" "$state"
-    done
+        printf '%-5s %-6s %-8s %-16s %-28s %s\n' "$i" "$port" "$pid" "$prec" "${model:--}" "$state"
+    done < <(worker_records)
     return "$all_ready"
 }
 
@@ -378,6 +395,7 @@ cmd_start() {
         [[ -z "$holder" ]] || fatal "port $port (GPU $i) is already in use by $holder; stop it, or choose another BASE_PORT"
     done
     [[ -z "$CUSTOM_CONF" || -f "$CUSTOM_CONF" ]] || fatal "nginx config $CUSTOM_CONF not found"
+    [[ -z "$CUSTOM_CONF" ]] || custom_conf_port
     resolve_python
 
     if [[ "$CPU_MODE" == 1 ]]; then
@@ -386,19 +404,51 @@ cmd_start() {
     fi
     info "starting $NUM_GPUS worker(s) on ports $BASE_PORT-$((BASE_PORT + NUM_GPUS - 1)) (precision: $MODES; python: $PYTHON)"
     NGINX_CONF="$CUSTOM_CONF"
+    rm -f "$RUN_DIR"/worker_gpu*.state "$(nginx_record)"   # nothing runs: records of an earlier run
     write_state
+    # Ctrl-C or a TERM while workers load: stop them too, rather than leave them loading with nobody watching.
+    trap 'abort_start "interrupted (SIGINT)" 130' INT
+    trap 'abort_start "terminated (SIGTERM)" 143' TERM
     for ((i = 0; i < NUM_GPUS; i++)); do launch_worker "$i" "${modes[$i]}"; done
 
     if ! wait_for_workers; then
-        error "start failed; stopping what was started"
-        cmd_stop >/dev/null 2>&1 || true
-        exit 1
+        abort_start "start failed" 1
     fi
-    if start_nginx; then state_set NGINX up; else state_set NGINX none; fi
+    local rc=0
+    start_nginx || rc=$?
+    case "$rc" in
+        0) state_set NGINX up ;;
+        1) state_set NGINX none ;;
+        *) abort_start "nginx failed to start" 1 ;;
+    esac
+    trap - INT TERM
     echo
     print_table || true
     echo
     print_endpoint
+}
+
+abort_start() {
+    trap - INT TERM
+    error "$1; stopping what was started"
+    cmd_stop >&2 || true
+    error "nothing left running; start again when ready"
+    exit "$2"
+}
+
+# With -c FILE nginx listens where FILE says: that port is checked and shown. NGINX_PORT given as well
+# must agree (refused here, before anything starts, naming both).
+custom_conf_port() {
+    local ports first
+    ports="$(python3 "$RENDERER" listen-port "$CUSTOM_CONF")" || fatal "cannot read $CUSTOM_CONF"
+    [[ -n "$ports" ]] || fatal "$CUSTOM_CONF has no 'listen' directive"
+    first="${ports%% *}"
+    if [[ " $ports " == *" $NGINX_PORT "* ]]; then return 0; fi
+    if [[ "$NGINX_PORT_GIVEN" == 1 ]]; then
+        fatal "$CUSTOM_CONF listens on port $first but NGINX_PORT=$NGINX_PORT; make them agree (or leave NGINX_PORT unset to use the file's port)"
+    fi
+    info "nginx port $first (from $CUSTOM_CONF)"
+    NGINX_PORT="$first"
 }
 
 cmd_stop() {
@@ -420,7 +470,7 @@ cmd_stop() {
     fi
     if ((${#pids[@]} == 0)); then
         info "not running"
-        rm -f "$RUN_DIR"/worker_gpu*.pid "$(nginx_pidfile)"
+        rm -f "$RUN_DIR"/worker_gpu*.pid "$RUN_DIR"/worker_gpu*.state "$(nginx_pidfile)" "$(nginx_record)"
         return 0
     fi
     timeout="${FLUX_STOP_TIMEOUT:-$((${FLUX_DRAIN_TIMEOUT:-30} + 15))}"
@@ -442,7 +492,7 @@ cmd_stop() {
     for pid in "${pids[@]}"; do
         pgrep -g "$pid" >/dev/null 2>&1 && signal_tree KILL "$pid"
     done
-    rm -f "$RUN_DIR"/worker_gpu*.pid "$(nginx_pidfile)"
+    rm -f "$RUN_DIR"/worker_gpu*.pid "$RUN_DIR"/worker_gpu*.state "$(nginx_pidfile)" "$(nginx_record)"
     info "stopped"
 }
 
@@ -464,15 +514,17 @@ load_state() {
 }
 
 cmd_status() {
-    local rc=0
-    if ! load_state || [[ -z "$(running_pids)" ]]; then
+    local rc=0 port
+    load_state || true
+    if [[ -z "$(worker_records)" || -z "$(running_pids)" ]]; then
         info "not running"
         return 3
     fi
-    [[ "$CPU_MODE" == 1 ]] && banner "CPU demo"
+    [[ "${CPU_MODE:-0}" == 1 ]] && banner "CPU demo"
     print_table || rc=1
+    port="$(record_get "$(nginx_record)" PORT)"
     if live_pid "$(nginx_pidfile)" "$(nginx_marker)" >/dev/null; then
-        info "nginx: up on port $NGINX_PORT"
+        info "nginx: up on port ${port:-$NGINX_PORT}"
     else
         warn "nginx: down (direct access only)"
     fi
@@ -508,6 +560,10 @@ cmd_worker() {
     mkdir -p "$RUN_DIR" "$LOG_DIR" "$OUTPUT_DIR"
     worker_env "$i" "${modes[$i]}"
     echo $$ >"$(worker_pidfile "$i")"
+    write_record "$(worker_record "$i")" "PID=$$" "GPU=$i" "PORT=$(worker_port "$i")" "PRECISION=${modes[$i]}" \
+        "STARTED_AT=$(date +%s)" "LOG=$(worker_log "$i")"
+    printf '\n=== %s start GPU %s %s port %s ===\n' "$(date '+%F %T')" "$i" "${modes[$i]}" "$(worker_port "$i")" \
+        >>"$(worker_log "$i")"
     info "GPU $i ${modes[$i]} worker on port $(worker_port "$i"); log: $(worker_log "$i")"
     cd "$FLUX_PROJECT_DIR"
     exec env "${WORKER_ENV[@]}" "$PYTHON" "$(worker_script "${modes[$i]}")" >>"$(worker_log "$i")" 2>&1
@@ -520,6 +576,7 @@ cmd_nginx() {
     prepare_nginx_conf || exit 1
     nginx -t -q -p "$NGINX_PREFIX/" -c "$NGINX_CONF_USED" -g "$NGINX_G" || fatal "nginx -t failed"
     echo $$ >"$(nginx_pidfile)"
+    write_record "$(nginx_record)" "PID=$$" "PORT=$NGINX_PORT" "CONF=$NGINX_CONF_USED" "STARTED_AT=$(date +%s)"
     exec nginx -p "$NGINX_PREFIX/" -c "$NGINX_CONF_USED" -g "$NGINX_G" \
         >>"$NGINX_LOG_DIR/access.log" 2>>"$NGINX_LOG_DIR/error.log"
 }

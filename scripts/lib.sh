@@ -116,6 +116,28 @@ state_get() {
     sed -n "s/^$1=//p" "$STATE_FILE" | head -n 1
 }
 
+# State records: whichever entry point starts a worker or nginx (start, or the systemd units' `worker N`
+# and `nginx`) writes run/worker_gpu{i}.state / run/nginx.state (NAME=value lines: PID, GPU, PORT,
+# PRECISION, STARTED_AT, LOG / CONF); status and the monitor describe what these records say runs.
+write_record() {
+    local file="$1"
+    shift
+    mkdir -p "$RUN_DIR"
+    printf '%s\n' "$@" >"$file.tmp"
+    mv "$file.tmp" "$file"
+}
+
+record_get() { [[ -f "$1" ]] && sed -n "s/^$2=//p" "$1" | head -n 1; }
+
+worker_record() { echo "$RUN_DIR/worker_gpu$1.state"; }
+nginx_record() { echo "$RUN_DIR/nginx.state"; }
+
+# The worker records present, in GPU order.
+worker_records() {
+    local f
+    for f in "$RUN_DIR"/worker_gpu*.state; do [[ -e "$f" ]] && echo "$f"; done | sort -V
+}
+
 worker_port() { echo $((BASE_PORT + $1)); }
 worker_log() { echo "$LOG_DIR/flux_gpu$1_port$(worker_port "$1").log"; }
 worker_pidfile() { echo "$RUN_DIR/worker_gpu$1.pid"; }

@@ -38,10 +38,14 @@ def test_start_uses_a_custom_nginx_conf_as_given(tmp_path):
     custom = tmp_path / "custom.conf"
     custom.write_text(rendered.replace(anchor, anchor + "\n" + marker, 1))
 
+    # NGINX_PORT left unset: the file's own port is the one checked, waited for and shown
+    env.pop("NGINX_PORT")
     started = subprocess.run([str(START), "start", "-c", str(custom)], cwd=ROOT, env=env, capture_output=True,
                              text=True, timeout=240)
     try:
         assert started.returncode == 0, started.stdout + started.stderr
+        assert f"nginx port {nginx_port} (from {custom})" in started.stdout
+        assert f"listening on port {nginx_port}" in started.stdout
         url = f"http://127.0.0.1:{nginx_port}"
         with urllib.request.urlopen(f"{url}/custom-marker", timeout=10) as resp:
             assert resp.read().decode() == "custom config in use"
