@@ -177,3 +177,46 @@ def test_systemd_entry_points_are_what_status_and_the_monitor_describe(tmp_path)
         assert "nginx: up" not in mon.stdout and "not ours" in mon.stdout, mon.stdout
     finally:
         foreign.close()
+
+
+def test_readme_one_worker_command_works_as_written(tmp_path):
+    """The README's no-GPU line, run as written (only the port changed to a free one) with the project's venv."""
+    import re
+    import urllib.request
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## One worker"):]
+    line = next(ln for ln in section.splitlines() if "dummy:tiny" in ln and "main_fp4.py" in ln)
+    command = line.split("#")[0].strip()
+    assert command.startswith("FLUX_MODEL=dummy:tiny") and ".venv/bin/python" in command, command
+    if not (ROOT / ".venv" / "bin" / "python").exists():
+        pytest.skip("no .venv (scripts/setup_venv.sh makes it)")
+    port = free_port()
+    command = command.replace("8003", str(port))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX_") and k != "CUDA_VISIBLE_DEVICES"}
+    env["FLUX_OUTPUT_DIR"] = str(tmp_path / "outputs")
+    proc = subprocess.Popen(["bash", "-c", command], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", method="POST",
+                                     data=b'{"prompt": "a cat", "width": 256, "height": 256, "num_inference_steps": 1}',
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert r.status == 200
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    # and the README's links stay inside the repository
+    for target in re.findall(r"\]\(([^)#]+)", readme):
+        if "://" not in target:
+            assert (ROOT / target).resolve().is_relative_to(ROOT) and (ROOT / target).exists(), target
