@@ -16,7 +16,8 @@
 #                    | one precision per GPU: fp4,fp4,bf16,bf16
 #                    With more than one precision, /generate/fast goes to fp8 (or fp4) workers,
 #                    /generate/quality to bf16 workers and /generate to all of them.
-#   -c FILE          use this nginx config as given instead of rendering one
+#   -c FILE          use this nginx config as given instead of rendering one; nginx's port is FILE's
+#                    `listen` port (NGINX_PORT, when set, must agree)
 #
 # Environment (every setting can also be edited at the top of this file):
 #   NUM_GPUS            workers to start (default: GPUs listed by nvidia-smi; 1 in CPU mode)
@@ -36,6 +37,8 @@
 #   FLUX_LOG_DIR        worker logs: flux_gpu{i}_port{port}.log          (default ./logs/multi_gpu)
 #   FLUX_RUN_DIR        pid files, run state, nginx prefix and config             (default ./run)
 #   NGINX_LOG_DIR       nginx access.log (JSON lines) and error.log     (default ./logs/multi_gpu/nginx)
+#   NGINX_USER          account of nginx's workers when started as root (default: owner of
+#                       FLUX_OUTPUT_DIR, else nobody); never root
 #   FLUX_RATE_LIMIT     per-API-key rate limit in nginx, e.g. 10r/s; 429 beyond it  (default off)
 #   FLUX_RATE_BURST     burst above the rate before 429                               (default 20)
 #   NGINX_MAX_BODY      largest request body                                          (default 1m)

@@ -1,6 +1,7 @@
 # shellcheck shell=bash disable=SC2034,SC2153  # variables set here are read by the scripts that source it
 # Shared helpers for start_multi_gpu.sh and monitor_multi_gpu.sh: messages, settings, pid files,
-# ports, health checks and the nginx config renderer. Sourced, never run.
+# ports, health checks, state records and the call into the nginx renderer (scripts/render_nginx.py).
+# Sourced, never run.
 #
 # Environment variables read here (all optional; the scripts' headers repeat them):
 #   FLUX_RUN_DIR        pid files, run state and nginx's prefix        (default <project>/run)
