@@ -299,7 +299,7 @@ start_nginx() {
         warn "falling back to direct access to the workers"
         return 1
     fi
-    prepare_nginx_conf || return 1
+    prepare_nginx_conf || return 2   # a setting the renderer refused (it said which): an error, not a fallback
     [[ -n "$CUSTOM_CONF" ]] || grep -q '^load_module .*headers_more' "$NGINX_CONF_USED" ||
         warn "nginx's headers-more module is missing, so responses carry 'Server: nginx' (sudo apt-get install libnginx-mod-http-headers-more-filter)"
     if ! nginx -t -q -p "$NGINX_PREFIX/" -c "$NGINX_CONF_USED" -g "$NGINX_G" >"$NGINX_PREFIX/test.log" 2>&1; then
