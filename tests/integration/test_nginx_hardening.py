@@ -144,3 +144,28 @@ def test_a_thousand_slow_headers_from_one_address_never_stall_another(gateway):
     finally:
         for s in slow:
             s.close()
+
+
+def test_one_address_holds_at_most_its_share_of_requests(gateway):
+    """Requests waiting on a worker count against their address (limit_conn 256): beyond it nginx answers 429
+    JSON at once, and another address is still served."""
+    held: list[socket.socket] = []
+    try:
+        for _ in range(300):
+            s = socket.create_connection(("127.0.0.1", gateway.port), timeout=5)
+            s.sendall(b"GET /workers/hang/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            held.append(s)
+        refused = 0
+        for s in held[256:]:
+            s.settimeout(0.5)
+            try:
+                head = s.recv(4096)
+            except socket.timeout:
+                continue
+            refused += head.startswith(b"HTTP/1.1 429")
+        assert refused >= 40, refused
+        status, _, _ = split_response(raw_request(gateway.port, _get("/workers/live/health"), source="127.0.0.2"))
+        assert status == 200
+    finally:
+        for s in held:
+            s.close()
