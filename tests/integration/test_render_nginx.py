@@ -3,7 +3,6 @@ real nginx in front of workers on two addresses (127.0.0.1 is this host, 127.0.0
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import stat
 import subprocess
