@@ -219,9 +219,30 @@ prepare_nginx_conf() {
         error "$NGINX_CONF_USED sets 'daemon'; remove it: this script runs nginx in the foreground itself"
         return 1
     fi
+    write_web_files
     NGINX_G="daemon off;"
     grep -Eq '^[[:space:]]*pid[[:space:]]' "$NGINX_CONF_USED" || NGINX_G+=" pid $NGINX_PREFIX/nginx.pid;"
 }
+
+# >>> web UI and fleet dashboard: nginx serves <project>/web through <prefix>/web and the list of
+# workers the dashboard polls from <prefix>/workers.json.
+write_web_files() {
+    local -a specs
+    local s sep=""
+    read -r -a specs <<<"$(worker_specs)"
+    {
+        printf '{"workers": ['
+        for s in "${specs[@]}"; do
+            printf '%s{"id": "%s", "host": "127.0.0.1", "port": %s, "precision": "%s"}' \
+                "$sep" "${s%%:*}" "${s%%:*}" "${s#*:}"
+            sep=", "
+        done
+        printf '], "nginx_port": %s}\n' "$NGINX_PORT"
+    } >"$NGINX_PREFIX/workers.json.tmp"
+    mv "$NGINX_PREFIX/workers.json.tmp" "$NGINX_PREFIX/workers.json"
+    ln -sfn "$FLUX_PROJECT_DIR/web" "$NGINX_PREFIX/web"
+}
+# <<< web UI and fleet dashboard
 
 nginx_install_hint() {
     if have apt-get; then echo "sudo apt-get install nginx"

@@ -460,6 +460,57 @@ EOF
 
 EOF
     fi
+    # >>> web UI and fleet dashboard (static, from <prefix>/web -> <project>/web; start_multi_gpu.sh
+    # links it and writes <prefix>/workers.json). Read-only per-worker probes for the dashboard.
+    cat <<'EOF'
+        location = /ui { return 301 /ui/; }
+        location = /dashboard { return 301 /dashboard/; }
+        location ~ ^/(ui|dashboard)/ {
+            root web;
+            absolute_redirect off;
+            types {
+                text/html html;
+                text/css css;
+                application/javascript js;
+                image/svg+xml svg;
+                image/png png;
+                application/json json;
+            }
+            default_type text/plain;
+            limit_except GET { deny all; }
+            add_header Cache-Control "no-cache" always;
+            add_header X-Content-Type-Options nosniff always;
+            add_header Content-Security-Policy "default-src 'self'; img-src 'self' data: blob: http: https:; frame-ancestors 'none'" always;
+        }
+
+        location = /dashboard/workers.json {
+            alias workers.json;
+            default_type application/json;
+            add_header Cache-Control "no-store" always;
+        }
+
+        location = /dashboard/nginx_status {
+            stub_status;
+            default_type text/plain;
+            add_header Cache-Control "no-store" always;
+        }
+
+EOF
+    for w in "${workers[@]}"; do
+        port="${w%%:*}"
+        echo "        location ~ ^/workers/$port(/(health|queue-stats)?)\$ {"
+        echo "            limit_except GET { deny all; }"
+        echo "            proxy_pass http://flux_worker_$port\$1;"
+        echo "        }"
+        echo "        location = /workers/$port/metrics {"
+        echo "            allow 127.0.0.1;"
+        echo "            allow ::1;"
+        echo "            deny all;"
+        echo "            proxy_pass http://flux_worker_$port/metrics;"
+        echo "        }"
+    done
+    echo
+    # <<< web UI and fleet dashboard
     cat <<'EOF'
         # Scrape workers one by one for Prometheus; through the balancer only from this host.
         location = /metrics {
