@@ -11,6 +11,9 @@ missing=()
 for tool in nginx shellcheck lsof curl; do
     command -v "$tool" >/dev/null 2>&1 || [[ -x "/usr/sbin/$tool" ]] || missing+=("$tool")
 done
+# the browser tests (tests/browser) drive a headless Chromium
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 if ((${#missing[@]})); then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
         echo "installing ${missing[*]} with apt-get"

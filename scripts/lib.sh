@@ -463,8 +463,11 @@ EOF
     # >>> web UI and fleet dashboard (static, from <prefix>/web -> <project>/web; start_multi_gpu.sh
     # links it and writes <prefix>/workers.json). Read-only per-worker probes for the dashboard.
     cat <<'EOF'
-        location = /ui { return 301 /ui/; }
-        location = /dashboard { return 301 /dashboard/; }
+        location = /ui { absolute_redirect off; return 301 /ui/; }
+        location = /dashboard { absolute_redirect off; return 301 /dashboard/; }
+        location /workers/ {
+            return 404 '{"error":{"code":"not_found","message":"unknown worker id"}}\n';
+        }
         location ~ ^/(ui|dashboard)/ {
             root web;
             absolute_redirect off;
