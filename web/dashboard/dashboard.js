@@ -7,7 +7,9 @@ const POLL_MS = 2000;
 const TIMEOUT_MS = 2500;
 const INFO_EVERY_MS = 30000;
 const WINDOW_MS = 15 * 60 * 1000;
+const GAP_MS = 10000;
 const KEY_STORE = "flux.apiKey";
+const SERIES_STORE = "flux.dashboard.series";  // the charts' figures (numbers only), kept across reloads
 const PALETTE = ["#6366f1", "#14b8a6", "#f59e0b", "#ec4899", "#22c55e", "#0ea5e9", "#a855f7", "#ef4444"];
 
 const $ = (id) => document.getElementById(id);
@@ -51,8 +53,7 @@ function addEvent(kind, text) {
 }
 
 /* ---------------------------------------------------------------- polling */
-async function pollWorker(w) {
-  const now = Date.now();
+async function pollWorker(w, now) {  // now: the tick's time, shared by every worker's point
   const stats = await getJSON(`/workers/${encodeURIComponent(w.id)}/queue-stats`);
   const wasDown = w.down;
   if (stats.status === 401) { fleet.needKey = true; }
@@ -96,10 +97,27 @@ async function pollNginx() {
 }
 
 async function tick() {
-  await Promise.all([...fleet.workers.map(pollWorker), pollNginx()]);
+  const now = Date.now();
+  await Promise.all([...fleet.workers.map((w) => pollWorker(w, now)), pollNginx()]);
   while (fleet.events.length && fleet.events[fleet.events.length - 1].t < Date.now() - WINDOW_MS) fleet.events.pop();
   render();
+  saveSeries();
   setTimeout(tick, POLL_MS);
+}
+
+function saveSeries() {
+  const data = Object.fromEntries(fleet.workers.map((w) => [w.id, w.series]));
+  try { localStorage.setItem(SERIES_STORE, JSON.stringify(data)); } catch { /* storage full or off */ }
+}
+
+function restoreSeries() {
+  let data = {};
+  try { data = JSON.parse(localStorage.getItem(SERIES_STORE) || "{}"); } catch { data = {}; }
+  const since = Date.now() - WINDOW_MS;
+  for (const w of fleet.workers) {
+    const points = Array.isArray(data[w.id]) ? data[w.id] : [];
+    w.series = points.filter((p) => p && typeof p.t === "number" && p.t >= since);
+  }
 }
 
 /* ---------------------------------------------------------------- rendering */
@@ -169,6 +187,17 @@ function render() {
   drawChart($("chart-queue"), "depth", $("legend-queue"));
 }
 
+/* The fleet's sum at each poll: every worker's point of the same tick, 0 for a worker that was down. */
+function totalSeries(key) {
+  const rounds = new Map();
+  for (const w of fleet.workers) {
+    for (const p of w.series) {
+      rounds.set(p.t, { t: p.t, v: (rounds.get(p.t)?.v || 0) + (p[key] || 0) });
+    }
+  }
+  return [...rounds.values()].sort((a, b) => a.t - b.t).map((r) => ({ t: r.t, [key]: r.v }));
+}
+
 function niceMax(v) {
   if (v <= 4) return 4;
   const p = 10 ** Math.floor(Math.log10(v));
@@ -191,6 +220,7 @@ function drawChart(canvas, key, legend) {
   const x = (t) => pad.l + ((t - (now - WINDOW_MS)) / WINDOW_MS) * (width - pad.l - pad.r);
   let max = 0;
   for (const w of fleet.workers) for (const p of w.series) if (p[key] != null) max = Math.max(max, p[key]);
+  if (fleet.workers.length > 1) for (const p of totalSeries(key)) max = Math.max(max, p[key]);
   max = niceMax(max);
   const y = (v) => height - pad.b - (v / max) * (height - pad.t - pad.b);
 
@@ -208,20 +238,30 @@ function drawChart(canvas, key, legend) {
   ctx.textAlign = "center"; ctx.textBaseline = "top";
   for (const m of [15, 10, 5, 0]) ctx.fillText(m ? `-${m} min` : "now", Math.min(x(now - m * 60000), width - pad.r - 14), height - pad.b + 6);
 
-  for (const w of fleet.workers) {
+  const lines = fleet.workers.map((w) => ({ colour: w.colour, series: w.series }));
+  if (fleet.workers.length > 1) lines.push({ colour: css.getPropertyValue("--muted").trim(), series: totalSeries(key), dash: [5, 4] });
+  for (const w of lines) {
+    ctx.setLineDash(w.dash || []);
     ctx.strokeStyle = w.colour;
     ctx.lineWidth = 2;
     ctx.lineJoin = "round";
     ctx.beginPath();
     let pen = false;
+    let last = 0;
     for (const p of w.series) {
-      if (p[key] == null) { pen = false; continue; }  // a gap where the worker was down
+      // a gap where the worker was down, or the page was closed
+      if (p[key] == null || p.t - last > GAP_MS) pen = false;
+      last = p.t;
+      if (p[key] == null) continue;
       if (pen) ctx.lineTo(x(p.t), y(p[key])); else ctx.moveTo(x(p.t), y(p[key]));
       pen = true;
     }
     ctx.stroke();
   }
-  legend.replaceChildren(...fleet.workers.map((w) => el("span", { style: `--c:${w.colour}`, text: `${w.id} ${w.precision || ""}` })));
+  ctx.setLineDash([]);
+  const items = fleet.workers.map((w) => el("span", { style: `--c:${w.colour}`, text: `${w.id} ${w.precision || ""}` }));
+  if (fleet.workers.length > 1) items.push(el("span", { class: "total", text: "all workers" }));
+  legend.replaceChildren(...items);
 }
 
 /* ---------------------------------------------------------------- start */
@@ -245,6 +285,7 @@ async function start() {
     id: String(w.id), precision: w.precision, colour: PALETTE[i % PALETTE.length],
     stats: null, info: null, infoAt: 0, down: null, downReason: "", series: [], failures: [],
   }));
+  restoreSeries();
   window.addEventListener("resize", () => render());
   tick();
 }
