@@ -1,5 +1,5 @@
-"""The real stack for the browser tests: two CPU workers (dummy:tiny) behind nginx, started with
-start_multi_gpu.sh exactly as a user would, with API keys on, and a headless Chromium driven by selenium.
+"""The real stack for the browser tests: two CPU workers (dummy:tiny; one fp4, one bf16) behind nginx, started
+with start_multi_gpu.sh exactly as a user would, with API keys on, and a headless Chromium driven by selenium.
 
 Screenshots go to test-artifacts/screenshots/ at the repository root (git-ignored), or under
 $FLUX_TEST_ARTIFACTS when set; each test saves its own, named after it.
@@ -51,11 +51,14 @@ class Stack:
             "FLUX_OUTPUT_DIR": str(tmp / "outputs"), "NGINX_LOG_DIR": str(tmp / "logs"),
             "FLUX_HEALTH_TIMEOUT": "180", "FLUX_DRAIN_TIMEOUT": "5", "NO_COLOR": "1",
             # one image at a time per worker, so a second job waits in the queue where a test can see it
-            "FLUX_MAX_CONCURRENT": "1", "FLUX_WARMUP_SIZES": "256x256", "FLUX_WARMUP_STEPS": "1",
+            # and one more waiting at most, so a test can fill a worker and see 503 queue_full
+            "FLUX_MAX_CONCURRENT": "1", "FLUX_MAX_QUEUE_SIZE": "1",
+            "FLUX_WARMUP_SIZES": "256x256", "FLUX_WARMUP_STEPS": "1",
             "FLUX_API_KEYS": API_KEY,
         }
         self.env.pop("VIRTUAL_ENV", None)
         self.ports = [self.base_port + i for i in range(self.workers)]
+        self.precisions = ["fp4", "bf16"]  # a mixed deployment: the playground offers fast and quality
 
     def run(self, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
         return subprocess.run([str(START), *args], cwd=ROOT, env=self.env, capture_output=True, text=True,
@@ -85,7 +88,7 @@ def stack(tmp_path_factory):
     if shutil.which("nginx") is None:
         pytest.skip("nginx is not installed")
     s = Stack(tmp_path_factory.mktemp("web"))
-    result = s.run("start")
+    result = s.run("start", "-m", ",".join(s.precisions))
     pids = s.pids()
     try:
         assert result.returncode == 0, result.stdout + result.stderr

@@ -1,5 +1,5 @@
 """The playground (/ui/) and the fleet dashboard (/dashboard/) in a real headless Chromium, against the real
-stack: two dummy:tiny CPU workers behind nginx, API keys on (see conftest.py).
+stack: two dummy:tiny CPU workers (fp4 and bf16) behind nginx, API keys on (see conftest.py).
 
 The tests share one stack and one browser and run in file order; the last one kills a worker.
 Screenshots: test-artifacts/screenshots/<test>.png.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 
 import pytest
@@ -52,6 +53,12 @@ def alert_text(browser) -> str:
     return box.text
 
 
+def meta_value(browser, label: str) -> str | None:
+    return browser.execute_script(
+        "const dt = [...document.querySelectorAll('#result-meta dt')].find(e => e.textContent === arguments[0]);"
+        "return dt ? dt.nextElementSibling.textContent : null;", label)
+
+
 def worker_stats(stack) -> list[dict]:
     return [stack.request("GET", f"http://127.0.0.1:{p}/queue-stats")[1] for p in stack.ports]
 
@@ -62,6 +69,9 @@ def test_generate_shows_moving_progress_then_the_image(stack, browser, shot):
     fill(browser, "width", 384)
     fill(browser, "height", 384)
     assert Select(browser.find_element(By.ID, "size-preset")).first_selected_option.get_attribute("value") == "custom"
+    # this API has no LoRA list and no input-image fields: their controls stay hidden
+    assert not browser.find_element(By.ID, "lora-field").is_displayed()
+    assert not browser.find_element(By.ID, "image-field").is_displayed()
     fill(browser, "steps", 28)
     fill(browser, "seed", 1234)
     # every value the progress bar takes, recorded in the page as it changes
@@ -130,6 +140,46 @@ def test_cancel_a_queued_job(stack, browser, shot):
             stack.request("DELETE", f"{stack.url}/jobs/{job_id}")
 
 
+def test_full_queue_shows_the_servers_retry_after(stack, browser, shot):
+    held = []
+    try:
+        for port in stack.ports:  # each worker: one running, one waiting (FLUX_MAX_QUEUE_SIZE=1)
+            for _ in range(2):
+                status, job = stack.request("POST", f"http://127.0.0.1:{port}/jobs", BLOCKER)
+                assert status == 202, job
+                held.append(job["job_id"])
+        open_ui(browser, stack)
+        fill(browser, "prompt", "one too many")
+        Select(browser.find_element(By.ID, "size-preset")).select_by_value("256x256")
+        browser.find_element(By.ID, "generate").click()
+        text = alert_text(browser)
+        assert "The service is busy" in text and "queue_full" in text
+        assert re.search(r"Retry after \d+ s", text), text
+        shot()
+    finally:
+        for job_id in reversed(held):
+            stack.request("DELETE", f"{stack.url}/jobs/{job_id}")
+
+
+def test_precision_route_in_a_mixed_deployment(stack, browser, shot):
+    open_ui(browser, stack)
+    route = browser.find_element(By.ID, "route")
+    wait(browser).until(lambda d: route.is_displayed())
+    for choice, precision in (("quality", "bf16"), ("fast", "fp4")):
+        Select(route).select_by_value(choice)
+        fill(browser, "prompt", f"a {choice} render")
+        Select(browser.find_element(By.ID, "size-preset")).select_by_value("256x256")
+        fill(browser, "steps", 2)
+        browser.find_element(By.ID, "generate").click()
+        wait(browser, 60).until(lambda d: d.find_element(By.ID, "job-state").text == "succeeded"
+                                and d.find_element(By.ID, "result").is_displayed()
+                                and f"a {choice} render" in d.find_element(By.ID, "result-img").get_attribute("alt"))
+        assert meta_value(browser, "Precision") == precision
+        browser.find_element(By.ID, "copy-curl").click()
+        assert f"{stack.url}/generate/{choice} " in browser.execute_script("return window.lastCopied")
+    shot()
+
+
 def test_bad_input_shows_the_servers_message(stack, browser, shot):
     open_ui(browser, stack)
     fill(browser, "prompt", "a red cube")
@@ -188,9 +238,9 @@ def test_dashboard_lists_every_worker_and_counts_rise(stack, browser, shot):
     browser.get(f"{stack.url}/dashboard/")
     wait(browser).until(lambda d: all(dashboard_cell(d, p, "state") == "ready" for p in stack.ports))
     assert len(browser.find_elements(By.CSS_SELECTOR, "#workers tbody tr")) == len(stack.ports)
-    for port in stack.ports:
+    for port, precision in zip(stack.ports, stack.precisions):
         assert dashboard_cell(browser, port, "model") == "dummy:tiny"
-        assert dashboard_cell(browser, port, "precision") == "fp4"
+        assert dashboard_cell(browser, port, "precision") == precision
     assert browser.find_element(By.ID, "t-up").text == f"{len(stack.ports)} / {len(stack.ports)}"
     before = int(browser.find_element(By.ID, "t-completed").text)
     status, result = stack.request("POST", f"{stack.url}/generate",

@@ -189,7 +189,9 @@ async function copyText(text) {
 
 /* ---------------------------------------------------------------- job display */
 function setJobView(status, detail, fraction) {
+  const appearing = $("job").hidden;
   $("job").hidden = false;
+  if (appearing) $("job").scrollIntoView({ block: "nearest" });  // on a phone the form is above it
   $("empty").hidden = true;
   const pill = $("job-state");
   pill.className = `pill ${status}`;
@@ -338,6 +340,7 @@ async function submit(ev) {
     $("generate").disabled = false;
     if (aborted) { if (!settled) setJobView("cancelled", "Cancelled.", 0); return; }
     $("job").hidden = true;
+    $("empty").hidden = !$("result").hidden;
     showError(err);
   }
 }
@@ -396,6 +399,7 @@ async function probeService() {
     $("service").className = `pill ${info.state}`;
     $("service").textContent = `${info.model} · ${info.precision} · ${info.state}`;
     state.defaultSteps = info.default_steps;
+    state.info = info;
     if (info.default_steps) $("steps").placeholder = `default ${info.default_steps}`;
   } catch (err) {
     $("service").className = "pill down";
@@ -406,6 +410,9 @@ async function probeService() {
     const precisions = new Set((fleet?.workers || []).map((w) => w.precision));
     const fast = precisions.has("fp4") || precisions.has("fp8");
     $("route-field").hidden = !(fast && precisions.has("bf16"));
+    if (precisions.size > 1 && state.info) {
+      $("service").textContent = `${state.info.model} · ${[...precisions].join(" + ")} · ${state.info.state}`;
+    }
   } catch { $("route-field").hidden = true; }
   await probeFeatures();
 }
