@@ -25,6 +25,7 @@ async def test_queue_stats_has_a_null_gpu_utilization_on_cpu(bf16_engine, tmp_pa
 def test_gpu_utilization_comes_from_nvml_on_a_gpu(bf16_engine, tmp_path, monkeypatch):
     # No GPU on the test machine: nvml is the one part stood in for, to check what is read from it.
     nvml = types.SimpleNamespace(
+        NVMLError=NVMLError,
         nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=3 * 2**30, total=80 * 2**30),
         nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=87, memory=40),
     )
@@ -35,3 +36,16 @@ def test_gpu_utilization_comes_from_nvml_on_a_gpu(bf16_engine, tmp_path, monkeyp
     out = rt.gpu_memory()
     assert out["gpu_utilization_pct"] == 87
     assert out["gpu_memory_used_mb"] == 3072.0
+
+    # a MIG slice has no utilisation counter: the memory figures stay
+    def not_supported(handle):
+        raise NVMLError("Not Supported")
+
+    nvml.nvmlDeviceGetUtilizationRates = not_supported
+    out = rt.gpu_memory()
+    assert out["gpu_utilization_pct"] is None
+    assert out["gpu_memory_total_mb"] == 81920.0
+
+
+class NVMLError(Exception):
+    pass

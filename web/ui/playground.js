@@ -108,7 +108,6 @@ function toast(text) {
 }
 
 /* ---------------------------------------------------------------- the form */
-function intOrNull(v) { return v === "" ? null : Number(v); }
 
 function readForm() {
   const body = { prompt: $("prompt").value };
