@@ -140,6 +140,23 @@ def test_cancel_a_queued_job(stack, browser, shot):
             stack.request("DELETE", f"{stack.url}/jobs/{job_id}")
 
 
+def test_a_reload_picks_up_the_running_job(stack, browser, shot):
+    open_ui(browser, stack)
+    fill(browser, "prompt", "a job that survives a reload")
+    fill(browser, "width", 384)
+    fill(browser, "height", 384)
+    fill(browser, "steps", 36)
+    browser.find_element(By.ID, "generate").click()
+    wait(browser).until(lambda d: d.find_element(By.ID, "job-state").text == "running")
+    browser.refresh()
+    wait(browser).until(lambda d: d.find_element(By.ID, "job-state").text in ("queued", "running", "succeeded"))
+    assert browser.find_element(By.ID, "prompt").get_attribute("value") == "a job that survives a reload"
+    wait(browser, 60).until(lambda d: d.find_element(By.ID, "job-state").text == "succeeded"
+                            and d.find_element(By.ID, "result").is_displayed())
+    assert meta_value(browser, "Size") == "384 × 384"
+    assert browser.execute_script("return sessionStorage.getItem('flux.activeJob')") is None
+
+
 def test_full_queue_shows_the_servers_retry_after(stack, browser, shot):
     held = []
     try:
@@ -251,6 +268,13 @@ def test_dashboard_lists_every_worker_and_counts_rise(stack, browser, shot):
     wait(browser).until(lambda d: int(dashboard_cell(d, owner, "ipm") or 0) >= 1)
     assert "a secret prompt" not in browser.page_source  # never shows prompts
     assert browser.find_element(By.ID, "t-conn").text not in ("", "–")
+
+    # a failure (a request past its deadline) shows in the errors of the last minutes
+    status, job = stack.request("POST", f"http://127.0.0.1:{stack.ports[0]}/jobs", dict(BLOCKER, timeout_s=0.5))
+    assert status == 202, job
+    wait(browser, 30).until(lambda d: d.find_element(By.ID, "t-errors").text == "1")
+    assert f"worker {stack.ports[0]}: 1 request failed" in browser.find_element(By.ID, "events").text
+    assert dashboard_cell(browser, stack.ports[0], "failed") == "1 (+1)"
     shot()
 
 

@@ -5,6 +5,7 @@
 
 const KEY_STORE = "flux.apiKey";
 const HISTORY_STORE = "flux.history";
+const ACTIVE_STORE = "flux.activeJob";
 const HISTORY_MAX = 60;
 const SIDE = { min: 256, max: 2048, multiple: 16, maxPixels: 4000000 };
 
@@ -224,7 +225,9 @@ function onJobUpdate(job) {
 function finishJob(job) {
   const current = state.job;
   state.job = null;
+  sessionStorage.removeItem(ACTIVE_STORE);
   $("generate").disabled = false;
+  if (!current) return;  // cancel() got there first and showed the outcome
   if (job.status === "succeeded") {
     setJobView("succeeded", "", 1);
     showResult(current.body, job.result, (performance.now() - current.started) / 1000, current.route);
@@ -306,42 +309,69 @@ async function submit(ev) {
   const problem = localProblem(body);
   if (problem) { showError(new ApiError(422, { error: { code: "invalid_request", ...problem } }, null)); return; }
   const route = $("route-field").hidden ? "" : $("route").value;
-  const controller = new AbortController();
-  const mine = { id: null, controller, started: performance.now(), body, route };
+  const mine = { id: null, controller: new AbortController(), started: performance.now(), body, route };
   state.job = mine;
   $("generate").disabled = true;
   $("result").hidden = true;
   setJobView("submitting", "Sending…", route ? null : 0);
-  try {
+  await run(mine, async (signal) => {
     if (route) {
       setJobView("running", `Rendering on the ${route} pool…`, null);
-      const result = await api("POST", endpointFor(route), body, controller.signal);
-      state.job.id = result.job_id;
-      finishJob({ job_id: result.job_id, status: "succeeded", result });
-      return;
+      const result = await api("POST", endpointFor(route), body, signal);
+      mine.id = result.job_id;
+      return { job_id: result.job_id, status: "succeeded", result };
     }
-    const job = await api("POST", "/jobs", body, controller.signal);
-    state.job.id = job.job_id;
+    const job = await api("POST", "/jobs", body, signal);
+    mine.id = job.job_id;
+    // a reload of the page picks the job up again (this tab only)
+    sessionStorage.setItem(ACTIVE_STORE, JSON.stringify({ id: job.job_id, body, at: Date.now() }));
     onJobUpdate(job);
-    let final = null;
-    try {
-      final = await followEvents(job.job_id, controller.signal);
-    } catch (err) {
-      if (controller.signal.aborted) throw err;
-    }
-    if (!final) final = await pollUntilDone(job.job_id, controller.signal);
+    return follow(job.job_id, signal);
+  });
+}
+
+/* The job's end: from the event stream, else (a stream that broke) by polling. */
+async function follow(id, signal) {
+  let final = null;
+  try {
+    final = await followEvents(id, signal);
+  } catch (err) {
+    if (signal.aborted) throw err;
+  }
+  return final || pollUntilDone(id, signal);
+}
+
+async function run(mine, work) {
+  const { controller } = mine;
+  try {
+    const final = await work(controller.signal);
     finishJob(final);
   } catch (err) {
     if (state.job !== mine && state.job !== null) return;  // a newer job owns the view
     const aborted = controller.signal.aborted;
     const settled = state.job === null;  // cancel() already showed the outcome
     state.job = null;
+    sessionStorage.removeItem(ACTIVE_STORE);
     $("generate").disabled = false;
     if (aborted) { if (!settled) setJobView("cancelled", "Cancelled.", 0); return; }
     $("job").hidden = true;
     $("empty").hidden = !$("result").hidden;
-    showError(err);
+    if (!(err instanceof ApiError && err.status === 404 && mine.resumed)) showError(err);  // expired: nothing to say
   }
+}
+
+/* A job this tab started before a reload: follow it to its end. */
+async function resume() {
+  let saved = null;
+  try { saved = JSON.parse(sessionStorage.getItem(ACTIVE_STORE) || "null"); } catch { saved = null; }
+  if (!saved || typeof saved.id !== "string" || !saved.body) return;
+  const mine = { id: saved.id, controller: new AbortController(), body: saved.body, route: "", resumed: true,
+                 started: performance.now() - Math.max(0, Date.now() - saved.at) };
+  state.job = mine;
+  $("generate").disabled = true;
+  fillForm(saved.body);
+  setJobView("submitting", "Reconnecting…", 0);
+  await run(mine, (signal) => follow(saved.id, signal));
 }
 
 async function cancel() {
@@ -507,6 +537,7 @@ function init() {
 
   renderHistory();
   probeService();
+  resume();
 }
 
 init();
