@@ -12,6 +12,9 @@ import re
 import signal
 
 import pytest
+
+pytest.importorskip("selenium")
+
 from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
