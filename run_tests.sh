@@ -15,6 +15,9 @@ done
 # nginx's headers-more module: the rendered config drops the `Server: nginx` header with it
 [[ -f /usr/lib/nginx/modules/ngx_http_headers_more_filter_module.so ]] ||
     missing+=(libnginx-mod-http-headers-more-filter)
+# the browser tests (tests/browser) drive a headless Chromium
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 if ((${#missing[@]})); then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
         echo "installing ${missing[*]} with apt-get"

@@ -69,8 +69,8 @@ class Runtime:
         log.info("ready: loaded in %.1f s, warm-up %.1f s", self.load_seconds, self.warmup_seconds)
 
     def gpu_memory(self) -> dict:
-        """Device memory through nvidia-ml-py (what nvidia-smi shows), or nulls without a GPU."""
-        empty = {"gpu_memory_used_mb": None, "gpu_memory_total_mb": None}
+        """Device memory and utilisation through nvidia-ml-py (what nvidia-smi shows), or nulls without a GPU."""
+        empty = {"gpu_memory_used_mb": None, "gpu_memory_total_mb": None, "gpu_utilization_pct": None}
         info = self.info
         if info is None or not info.device.startswith("cuda"):
             return empty
@@ -90,6 +90,12 @@ class Runtime:
                 self._nvml_handle = handle or pynvml.nvmlDeviceGetHandleByIndex(0)
             mem = pynvml.nvmlDeviceGetMemoryInfo(self._nvml_handle)
             out = {"gpu_memory_used_mb": round(mem.used / 2**20, 1), "gpu_memory_total_mb": round(mem.total / 2**20, 1)}
+            # percent of the last sample period in which a kernel ran (nvidia-smi's GPU-Util); MIG slices
+            # answer NOT_SUPPORTED, which must not cost the memory figures
+            try:
+                out["gpu_utilization_pct"] = pynvml.nvmlDeviceGetUtilizationRates(self._nvml_handle).gpu
+            except pynvml.NVMLError:
+                out["gpu_utilization_pct"] = None
         except Exception:  # nvml missing or refused: still report what torch knows
             out = dict(empty)
         out.update({f"torch_{k}": v for k, v in self.engine.memory_stats().items()})
