@@ -193,11 +193,16 @@ def render(workers: list[Worker], opts: Options) -> str:
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE.parent)), autoescape=False,
                              keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+    # workers.json is served from the config itself: nginx's unprivileged workers may not be able to read the
+    # run folder (a 0700 home), and the list changes only when the config is rendered again anyway.
+    workers_inline = json.dumps(workers_document(workers, listen_port(opts.listen)), separators=(",", ":"))
+    if re.search(r"['$\\]", workers_inline):
+        raise RenderError("a worker's host, id or precision holds a quote, $ or backslash")
     errors = [{"status": s, "code": c, "message": m, "retryable": r, "retry_after": ra} for s, c, m, r, ra in ERRORS]
     return env.get_template(TEMPLATE.name).render(
         workers=workers, pools=pools, fast_pool=fast, quality_pool=quality, listen=opts.listen,
         images_dir=(opts.images_dir or "").rstrip("/") or None, web_dir=opts.web_dir.rstrip("/"),
-        workers_json=opts.workers_json, rate=opts.rate, limit=limit, max_body=opts.max_body,
+        workers_inline=workers_inline, rate=opts.rate, limit=limit, max_body=opts.max_body,
         read_timeout=opts.read_timeout, api_keys=keys, user=opts.user, headers_more=opts.headers_more,
         marker=opts.marker, worker_connections=opts.worker_connections, conn_per_addr=opts.conn_per_addr,
         errors=errors, error_pages=ERROR_PAGES)

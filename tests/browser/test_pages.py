@@ -34,6 +34,14 @@ def wait(browser, timeout: float = 20):
     return WebDriverWait(browser, timeout, poll_frequency=0.05, ignored_exceptions=[StaleElementReferenceException])
 
 
+def copy_as_curl(browser) -> str:
+    """Presses "Copy as curl" and returns what it copied (the copy is asynchronous: the clipboard API is tried
+    first, then the textarea fallback)."""
+    browser.execute_script("window.lastCopied = null")
+    browser.find_element(By.ID, "copy-curl").click()
+    return wait(browser).until(lambda d: d.execute_script("return window.lastCopied"))
+
+
 def open_ui(browser, stack, key: str | None = API_KEY):
     browser.get(f"{stack.url}/ui/")
     browser.execute_script("sessionStorage.clear(); localStorage.clear();")
@@ -98,8 +106,7 @@ def test_generate_shows_moving_progress_then_the_image(stack, browser, shot):
     shot()
 
     # copy as curl: the same body, the key named by a variable and never written out
-    browser.find_element(By.ID, "copy-curl").click()
-    curl = browser.execute_script("return window.lastCopied")
+    curl = copy_as_curl(browser)
     assert f"{stack.url}/jobs" in curl and API_KEY not in curl and "$FLUX_API_KEY" in curl
     body = json.loads(curl.split("-d '", 1)[1].rsplit("'", 1)[0])
     assert body == {"prompt": "a lighthouse at dusk, volumetric light", "width": 384, "height": 384,
@@ -195,8 +202,7 @@ def test_precision_route_in_a_mixed_deployment(stack, browser, shot):
                                 and d.find_element(By.ID, "result").is_displayed()
                                 and f"a {choice} render" in d.find_element(By.ID, "result-img").get_attribute("alt"))
         assert meta_value(browser, "Precision") == precision
-        browser.find_element(By.ID, "copy-curl").click()
-        assert f"{stack.url}/generate/{choice} " in browser.execute_script("return window.lastCopied")
+        assert f"{stack.url}/generate/{choice} " in copy_as_curl(browser)
     shot()
 
 
