@@ -13,17 +13,17 @@ CS=("$PY" -m bench.coldstart --precision fp8 --compile)
 gpu0() {
     export CUDA_VISIBLE_DEVICES=0
     echo "=== fp8 cold, dynamic, default warm-up ($(date -u +%T))"
-    TORCH_LOGS=recompiles timeout 130 "${CS[@]}" --cache-dir /tmp/c8 --save-artifacts \
+    TORCH_LOGS=recompiles timeout 100 "${CS[@]}" --cache-dir /tmp/c8 --save-artifacts \
         --case 1024x1024:28 --case 1024x1024:4 --json "$OUT/fp8-cold-dyn.json"
     echo "rc=$?"
     echo "=== fp8 warm restart ($(date -u +%T))"
-    timeout 60 "${CS[@]}" --cache-dir /tmp/c8 --case 1024x1024:4 --repeats 1
+    timeout 50 "${CS[@]}" --cache-dir /tmp/c8 --case 1024x1024:4 --repeats 1
     echo "rc=$?"
 }
 gpu1() {
     export CUDA_VISIBLE_DEVICES=1
     echo "=== fp8 cold, static, 1024² only ($(date -u +%T))"
-    timeout 130 "${CS[@]}" --cache-dir /tmp/c8s --engine-opt compile_dynamic=false --warmup-sizes 1024x1024 \
+    timeout 100 "${CS[@]}" --cache-dir /tmp/c8s --engine-opt compile_dynamic=false --warmup-sizes 1024x1024 \
         --warmup-batch 1 --case 1024x1024:28 --case 1024x1024:4 --json "$OUT/fp8-cold-static.json"
     echo "rc=$?"
 }
