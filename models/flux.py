@@ -178,6 +178,8 @@ class FluxEngine:
         custom_attention = custom_attention_backend(cfg.attention_backend)
         self._set_progress(phase="loading", started_at=time.time())
         quantize = prec.fp4_replacer(device, dtype, cfg.fp4_quant_type) if precision == "fp4" else None
+        if precision == "fp4" and device.type == "cuda":
+            prec.use_expandable_segments()
         started = time.perf_counter()
         if dummy.is_dummy(cfg.model):
             pipe, spec = dummy.build_dummy_pipeline(cfg.model, device, dtype, quantize=quantize)
@@ -365,6 +367,9 @@ class FluxEngine:
             self._progress.update(phase="ready", done=len(plan), total=len(plan), warmup_s=round(total, 1),
                                   items_s=took)
         self._write_timings(took)
+        # The warm-up's largest activations (a batch at the last size) stay in the allocator's cache otherwise:
+        # measured on H200, fp4 1024²: 12.93 GiB in use on the card after the warm-up, 9.98 GiB after this.
+        self.release_memory()
         return total
 
     @contextlib.contextmanager

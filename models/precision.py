@@ -81,6 +81,16 @@ def fp4_replacer(device: torch.device, dtype: torch.dtype, quant_type: str = "fp
     return quantize
 
 
+def use_expandable_segments() -> None:
+    """Let the caching allocator grow segments in place instead of keeping whole freed blocks: the low-memory
+    mode's point is its footprint on the card, and with fixed segments the card showed 12.8 GiB in use while
+    serving 1024² although torch held 8.98 GiB (10.74 GiB peak). Other PYTORCH_CUDA_ALLOC_CONF options stay."""
+    try:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    except (AttributeError, RuntimeError) as exc:  # an older torch or another allocator backend
+        log.warning("expandable segments not available: %s", exc)
+
+
 def apply_fp8(transformer: torch.nn.Module) -> None:
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
