@@ -383,8 +383,14 @@ class FluxEngine:
             return
         import fcntl
 
-        os.makedirs(self.config.compile_cache_dir, exist_ok=True)
-        with open(os.path.join(self.config.compile_cache_dir, "compile.lock"), "a+") as fh:
+        try:
+            os.makedirs(self.config.compile_cache_dir, exist_ok=True)
+            fh = open(os.path.join(self.config.compile_cache_dir, "compile.lock"), "a+")
+        except OSError as exc:  # a read-only cache (baked into an image): nothing to coordinate, compile alone
+            log.warning("no compile lock in %s: %s", self.config.compile_cache_dir, exc)
+            yield
+            return
+        with fh:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:

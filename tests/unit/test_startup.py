@@ -135,3 +135,12 @@ def test_prepare_on_a_cpu_warms_up_records_timings_and_says_nothing_was_compiled
     bad = subprocess.run([sys.executable, "-m", "api.prepare", "fp16"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+def test_an_unwritable_cache_folder_costs_only_the_lock_and_the_estimate(bf16_engine, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    engine = WarmingEngine(bf16_engine, blocker / "cache")
+    engine.info = dataclasses.replace(engine.info, compiled=True)
+    engine.warmup()
+    assert len(engine.batches) == 3 and engine.progress()["phase"] == "ready"
