@@ -5,7 +5,8 @@ their warm-up, which compiles every graph into FLUX_COMPILE_CACHE_DIR, writes th
 beside it (torch.compiler.save_cache_artifacts) and the warm-up timings, and exits. Workers started later with
 the same cache folder (or a copy of it, e.g. baked into a Docker image) warm up from the cache instead of
 compiling, all at once. Without a GPU nothing is compiled (compile is GPU-only): the warm-up still runs and
-its timings are recorded, and the command says so.
+its timings are recorded, and the command says so. The batch warmed up is FLUX_MAX_CONCURRENT's (a value
+pinned in code in api/<precision>_routes.py is not seen here; the worker then compiles that batch at start).
 """
 from __future__ import annotations
 
