@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start, stop and inspect one FLUX worker per GPU behind an nginx load balancer.
 #
-# Usage: ./start_multi_gpu.sh [start|stop|status|restart] [-m MODE] [-c NGINX_CONF]
+# Usage: ./start_multi_gpu.sh [start|stop|status|restart|prepare] [-m MODE] [-c NGINX_CONF]
 #        ./start_multi_gpu.sh nginx-conf       print the nginx config for the current settings
 #        ./start_multi_gpu.sh worker N         run worker N in the foreground (systemd template unit)
 #        ./start_multi_gpu.sh nginx            run nginx in the foreground (systemd unit)
@@ -12,6 +12,9 @@
 #                    safe to run when nothing runs
 #   status           table of workers and nginx; exit 0 all ready, 1 some not ready, 3 not running
 #   restart          stop, then start with the same -m/-c as last time unless given again
+#   prepare          compile once for the fleet: load and warm up one worker per precision of MODE on GPU 0,
+#                    in the foreground, filling FLUX_COMPILE_CACHE_DIR (plus a portable artifacts file), so
+#                    that `start` then warms every worker up from the cache (docs/COLD_START.md)
 #   -m MODE          fp4 (default) | bf16 | fp8 | mixed (first half of the GPUs fp4, the rest bf16)
 #                    | one precision per GPU: fp4,fp4,bf16,bf16
 #                    With more than one precision, /generate/fast goes to fp8 (or fp4) workers,
@@ -153,7 +156,7 @@ show_log_tail() {
 # Waits until every worker answers /health 200; prints which GPU is still loading and for how long.
 wait_for_workers() {
     local timeout="${FLUX_HEALTH_TIMEOUT:-900}" start=$SECONDS next_report=$((SECONDS + 5))
-    local -a modes pending still
+    local -a modes pending still took=()
     read -r -a modes <<<"$MODES"
     local i pid state line
     pending=()
@@ -169,11 +172,13 @@ wait_for_workers() {
             fi
             state="$(worker_state "$(worker_port "$i")")"
             case "$state" in
-                ready) info "GPU $i ready on port $(worker_port "$i") after $((SECONDS - start))s" ;;
+                ready) info "GPU $i ready on port $(worker_port "$i") after $((SECONDS - start))s"
+                    took+=("GPU$i $((SECONDS - start))s") ;;
                 failed)
                     error "GPU $i worker (port $(worker_port "$i")) failed to load the model"
                     show_log_tail "$(worker_log "$i")"
                     return 1 ;;
+                loading) still+=("$i"); line+=" GPU$i:$(worker_progress "$(worker_port "$i")")" ;;
                 *) still+=("$i"); line+=" GPU$i:$state" ;;
             esac
         done
@@ -190,6 +195,27 @@ wait_for_workers() {
         fi
         sleep 1
     done
+    info "ready after: ${took[*]}"
+}
+
+# One worker's start-up progress from its /health body while it loads, e.g.
+# "warmup 1024x1024 1/3 (41s, last start 31s)" or "loading (12s)".
+worker_progress() {
+    local phase item done_n total item_s expected
+    http_get "http://127.0.0.1:$1/health" 2
+    phase="$(json_field phase "$HTTP_BODY")"
+    [[ -n "$phase" ]] || { echo loading; return; }
+    item="$(json_field item "$HTTP_BODY")"
+    done_n="$(json_field "done" "$HTTP_BODY")"
+    total="$(json_field total "$HTTP_BODY")"
+    item_s="$(json_field item_elapsed_s "$HTTP_BODY")"
+    expected="$(json_field expected_s "$HTTP_BODY")"
+    case "$phase" in
+        warmup) printf 'warmup %s %s/%s (%ss%s)' "${item// /_}" "$((done_n + 1))" "$total" "${item_s%.*}" \
+            "$([[ -n "$expected" && "$expected" != null ]] && echo ", last start ${expected%.*}s")" ;;
+        waiting) printf 'waiting for another worker'"'"'s compile (%ss)' "${item_s%.*}" ;;
+        *) printf '%s (%ss)' "$phase" "$(json_field elapsed_s "$HTTP_BODY" | cut -d. -f1)" ;;
+    esac
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -454,6 +480,21 @@ custom_conf_port() {
     NGINX_PORT="$first"
 }
 
+# Compile once for the fleet (see the header): one foreground worker per precision of MODE, on GPU 0.
+cmd_prepare() {
+    local -a modes
+    local prec
+    resolve_settings
+    resolve_python
+    read -r -a modes <<<"$(tr ' ' '\n' <<<"$MODES" | sort -u | tr '\n' ' ')"
+    for prec in "${modes[@]}"; do
+        info "preparing $prec (compile cache: ${FLUX_COMPILE_CACHE_DIR:-the default, ~/.cache/flux-api/inductor})"
+        worker_env 0 "$prec"
+        (cd "$FLUX_PROJECT_DIR" && exec env "${WORKER_ENV[@]}" "$PYTHON" -m api.prepare "$prec") ||
+            fatal "prepare $prec failed"
+    done
+}
+
 cmd_stop() {
     load_paths
     local -a pids=() names=()
@@ -601,7 +642,7 @@ main() {
     NUM_GPUS_ENV="$NUM_GPUS"
     while (($# > 0)); do
         case "$1" in
-            start | stop | status | restart | nginx | nginx-conf) cmd="$1" ;;
+            start | stop | status | restart | prepare | nginx | nginx-conf) cmd="$1" ;;
             worker) cmd=worker; arg="${2:-}"; shift || true ;;
             -m | --mode) MODE_SPEC="${2:?-m needs a mode}"; MODE_SPEC_GIVEN=1; shift ;;
             -c | --config)
@@ -617,6 +658,7 @@ main() {
         stop) cmd_stop ;;
         status) cmd_status ;;
         restart) cmd_restart ;;
+        prepare) cmd_prepare ;;
         worker) cmd_worker "$arg" ;;
         nginx) cmd_nginx ;;
         nginx-conf) cmd_nginx_conf ;;

@@ -33,6 +33,7 @@ def build_engine(settings: Settings) -> FluxEngine:
         warmup_steps=settings.warmup_steps, fp4_quant_type=settings.fp4_quant_type,
         compile_cache_dir=settings.compile_cache_dir, fuse_qkv=settings.fuse_qkv,
         attention_backend=settings.attention_backend, compile_mode=settings.compile_mode or None,
+        compile_vae=settings.compile_vae, compile_dynamic=settings.compile_dynamic,
     ))
 
 

@@ -103,6 +103,8 @@ async def health(rt: Runtime = Depends(get_runtime)):
             "gpu": rt.settings.gpu_index}
     if rt.failure:
         body["reason"] = rt.failure
+    if state == "loading":
+        body["progress"] = rt.progress()
     return JSONResponse(body, status_code=200 if state == "ready" else 503)
 
 

@@ -68,6 +68,11 @@ class Runtime:
             self.set_state("ready")
         log.info("ready: loaded in %.1f s, warm-up %.1f s", self.load_seconds, self.warmup_seconds)
 
+    def progress(self) -> dict | None:
+        """The engine's start-up progress (what it is loading or compiling, done/total, elapsed, expected)."""
+        progress = getattr(self.engine, "progress", None)
+        return progress() if callable(progress) else None
+
     def gpu_memory(self) -> dict:
         """Device memory and utilisation through nvidia-ml-py (what nvidia-smi shows), or nulls without a GPU."""
         empty = {"gpu_memory_used_mb": None, "gpu_memory_total_mb": None, "gpu_utilization_pct": None}

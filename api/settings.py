@@ -41,6 +41,10 @@ class Settings(BaseSettings):
                                    "only): native (PyTorch SDPA's own choice), _native_cudnn, _native_flash, ...")
     compile_mode: str = Field("", description="torch.compile mode of the blocks, e.g. max-autotune-no-cudagraphs; "
                               "empty: the default mode")
+    compile_dynamic: bool = Field(True, description="compile the blocks once for every image size and batch "
+                                  "(dynamic shapes); false: one graph per size, as torch.compile does by default")
+    compile_vae: bool = Field(False, description="also torch.compile the VAE decoder (GPU only): schnell 1024²/4 "
+                              "0.606 vs 0.695 s on H200, +47 s of cold warm-up")
     prompt_cache_size: int = Field(64, ge=0, description="prompt embeddings kept on the device (LRU)")
 
     # network

@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 from api.errors import StorageError, StorageFull
+from api.png import encode_png
 
 log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^[0-9a-f]{32}\.(png|jpg|webp)$")
@@ -54,7 +55,7 @@ class ImageStore:
         name = self.new_name(output_format)
         buf = io.BytesIO()
         if output_format == "png":
-            image.save(buf, format="PNG", compress_level=self.compress_level)
+            buf.write(encode_png(image, self.compress_level))
         elif output_format == "jpeg":
             image.convert("RGB").save(buf, format="JPEG", quality=quality or DEFAULT_QUALITY)
         elif output_format == "webp":

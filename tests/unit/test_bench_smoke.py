@@ -131,5 +131,6 @@ def test_encode_bench_times_every_format_on_both_images(tmp_path):
     assert done.returncode == 0, done.stderr
     rows = json.loads(out.read_text())["results"]
     assert {(r["image"], r["format"]) for r in rows} == {
-        (image, fmt) for image in ("random pixels", "gradient") for fmt in ("png", "png level 6", "jpeg", "webp")}
+        (image, fmt) for image in ("random pixels", "gradient")
+        for fmt in ("png (served)", "png Pillow 1", "png level 6", "jpeg", "webp")}
     assert all(r["ms"] >= 0 and r["kib"] >= 0 for r in rows)
