@@ -128,10 +128,8 @@ class Worker:
         return self.log_path.read_bytes()
 
     def connect(self, timeout: float = 10.0) -> socket.socket:
-        """A raw TCP connection to the worker, for requests no HTTP client would send."""
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
-        sock.settimeout(timeout)
-        return sock
+        """A raw TCP connection to the worker, for requests no HTTP client would send (tests/harness/rawhttp.py)."""
+        return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
 
     def signal(self, sig: int) -> None:
         os.kill(self.pid, sig)
@@ -175,18 +173,3 @@ def start_all(*workers: Worker, timeout: float = 180.0, interval: float = 0.2) -
         for worker in workers:
             worker.stop(5)
         raise
-
-
-def read_http_response(sock: socket.socket, limit: int = 1 << 20) -> bytes:
-    """Everything the peer sends until it closes the connection (or `limit` bytes)."""
-    chunks, size = [], 0
-    while size < limit:
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
