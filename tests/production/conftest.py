@@ -16,6 +16,7 @@ from tests.harness.jobs import (LONG_JOB, QUICK_JOB, image_files, job_state, sse
                                 wait_job)
 from tests.harness.process import BASE_ENV, PYTHON, ROOT, Worker, start_all  # noqa: F401
 from tests.harness.waiting import wait_until  # noqa: F401
+from tests.ports import free_port  # noqa: F401
 
 
 def pytest_collection_modifyitems(config, items):
