@@ -143,26 +143,26 @@ def _peer_trusted(peer: str, trusted: frozenset[str]) -> bool:
 def base_url(request: Request, trusted: frozenset[str], public_url: str | None) -> str:
     """Where clients reach us, to prefix /images/<name> with.
 
-    FLUX_PUBLIC_URL when set. Else, from a peer in FLUX_TRUSTED_PROXIES, X-Forwarded-Host (a valid host[:port])
-    with X-Forwarded-Proto (http or https; default http). Else the Host header the client sent, when it is a
-    valid host[:port], with the connection's own scheme. Else "" (a relative URL): never the worker's own
-    listening address, which a client behind a proxy cannot reach, and never a client string that is not a host.
-    The peer is the TCP peer (uvicorn's proxy_headers is off, see api/server.py), not X-Forwarded-For.
+    FLUX_PUBLIC_URL when set. Else scheme://host where, from a peer in FLUX_TRUSTED_PROXIES, X-Forwarded-Proto
+    (http or https) gives the scheme and X-Forwarded-Host (a valid host[:port]) the host; the connection's own
+    scheme and the Host header (a valid host[:port]) stand in for whichever is missing, invalid or untrusted.
+    With no valid host at all, "" (a relative URL): never the worker's own listening address, which a client
+    behind a proxy cannot reach, and never a client string that is not a host. The peer is the TCP peer
+    (uvicorn's proxy_headers is off, see api/server.py), not X-Forwarded-For.
     """
     if public_url:
         return public_url.rstrip("/")
+    scheme = request.scope.get("scheme", "http")
+    scheme = scheme if scheme in ("http", "https") else "http"
+    host = None
     peer = request.client.host if request.client else ""
     if _peer_trusted(peer, trusted):
-        fwd_host = valid_host(request.headers.get("x-forwarded-host", "").split(",")[0].strip())
-        if fwd_host:
-            proto = request.headers.get("x-forwarded-proto", "http").split(",")[0].strip().lower() or "http"
-            if proto in ("http", "https"):
-                return f"{proto}://{fwd_host}"
-    host = valid_host(request.headers.get("host", "").strip())
-    if host is None:
-        return ""
-    scheme = request.scope.get("scheme", "http")
-    return f"{scheme if scheme in ('http', 'https') else 'http'}://{host}"
+        proto = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+        if proto in ("http", "https"):
+            scheme = proto
+        host = valid_host(request.headers.get("x-forwarded-host", "").split(",")[0].strip())
+    host = host or valid_host(request.headers.get("host", "").strip())
+    return f"{scheme}://{host}" if host else ""
 
 
 def ensure_accepting(state: str) -> None:
