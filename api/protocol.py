@@ -12,6 +12,9 @@ connection:
   complete. While the app is still working on the request, the app's own per-receive bound (api/middleware.py)
   answers 408; once the response has gone, a body still trickling in is no longer anyone's and the connection
   is closed.
+
+Built on uvicorn's httptools protocol (uvicorn[standard] installs httptools; it is uvicorn's default "auto" choice
+too) and selected in api/server.py uvicorn_config, the one place a worker's uvicorn is configured.
 """
 from __future__ import annotations
 
