@@ -47,6 +47,20 @@ class PayloadTooLarge(ApiError):
     status, code = 413, "payload_too_large"
 
 
+class RequestTimeout(ApiError):
+    status, code, retryable = 408, "request_timeout", True
+
+    def headers(self) -> dict[str, str]:
+        # the rest of the body may still arrive: it must not be read as the next request
+        return {**super().headers(), "Connection": "close"}
+
+
+class ClientClosedRequest(ApiError):
+    """The client hung up before its request was complete. Nobody reads the answer; the status (nginx's 499)
+    is for the access log and the metrics."""
+    status, code = 499, "client_closed_request"
+
+
 class Unauthorized(ApiError):
     status, code = 401, "unauthorized"
 

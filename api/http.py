@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
+import re
 import secrets
 import time
 
@@ -95,16 +97,72 @@ def output_options(req: GenerateRequest, settings) -> dict:
     return {"output_format": fmt, "output_quality": req.output_quality or settings.output_quality}
 
 
+# host[:port] as a URL may carry it: a DNS name or IPv4 address (labels of letters, digits, "-", "_"), or an IPv6
+# address in brackets; an optional port. Anything else (spaces, "@", "/", quotes, controls) is not a host.
+_HOST_RE = re.compile(r"(?:(?P<name>[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+                      r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?)"
+                      r"|\[(?P<ip6>[0-9A-Fa-f:.]{2,45})\])(?::(?P<port>[0-9]{1,5}))?")
+
+
+def valid_host(value: str | None) -> str | None:
+    """`value` if it is a usable host[:port] for a URL, else None."""
+    if not value or len(value) > 260:
+        return None
+    match = _HOST_RE.fullmatch(value)
+    if match is None:
+        return None
+    if match["port"] is not None and not 0 < int(match["port"]) < 65536:
+        return None
+    if match["ip6"] is not None:
+        try:
+            ipaddress.IPv6Address(match["ip6"])
+        except ValueError:
+            return None
+    return value
+
+
+def _peer_trusted(peer: str, trusted: frozenset[str]) -> bool:
+    """Is the connection's peer one of FLUX_TRUSTED_PROXIES (addresses or networks; "*" for any)?"""
+    if not peer:
+        return False
+    if "*" in trusted or peer in trusted:
+        return True
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    for entry in trusted:
+        try:
+            if address in ipaddress.ip_network(entry, strict=False):
+                return True
+        except ValueError:
+            continue
+    return False
+
+
 def base_url(request: Request, trusted: frozenset[str], public_url: str | None) -> str:
-    """Where clients reach us: X-Forwarded-Host/Proto from a trusted proxy, else the Host we were called on."""
+    """Where clients reach us, to prefix /images/<name> with.
+
+    FLUX_PUBLIC_URL when set. Else scheme://host where, from a peer in FLUX_TRUSTED_PROXIES, X-Forwarded-Proto
+    (http or https) gives the scheme and X-Forwarded-Host (a valid host[:port]) the host; the connection's own
+    scheme and the Host header (a valid host[:port]) stand in for whichever is missing, invalid or untrusted.
+    With no valid host at all, "" (a relative URL): never the worker's own listening address, which a client
+    behind a proxy cannot reach, and never a client string that is not a host. The peer is the TCP peer
+    (uvicorn's proxy_headers is off, see api/server.py), not X-Forwarded-For.
+    """
     if public_url:
         return public_url.rstrip("/")
+    scheme = request.scope.get("scheme", "http")
+    scheme = scheme if scheme in ("http", "https") else "http"
+    host = None
     peer = request.client.host if request.client else ""
-    fwd_host = request.headers.get("x-forwarded-host")
-    if fwd_host and peer in trusted:
-        proto = request.headers.get("x-forwarded-proto", "http").split(",")[0].strip() or "http"
-        return f"{proto}://{fwd_host.split(',')[0].strip()}"
-    return str(request.base_url).rstrip("/")
+    if _peer_trusted(peer, trusted):
+        proto = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+        if proto in ("http", "https"):
+            scheme = proto
+        host = valid_host(request.headers.get("x-forwarded-host", "").split(",")[0].strip())
+    host = host or valid_host(request.headers.get("host", "").strip())
+    return f"{scheme}://{host}" if host else ""
 
 
 def ensure_accepting(state: str) -> None:

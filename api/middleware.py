@@ -1,10 +1,13 @@
 """Pure ASGI middleware (no BaseHTTPMiddleware: it would hide client disconnects from the handlers).
 
-RequestContext: request id (X-Request-ID from the proxy, or a new one), the API-key check, one access-log
-line per request (id, status, queue ms, generate ms) and the request counter.
+RequestContext: request id (X-Request-ID from the proxy, or a new one), the API-key check, the request body's
+bounds (a stalled body is answered 408, a client hanging up mid-body is a 499, never a 500), one access-log
+line per request (id, status, queue ms, generate ms) and the request counter. Client strings reach the log
+as they are: the log formatter (api/logs.py) escapes every record.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -13,10 +16,14 @@ import re
 import time
 import uuid
 
-from api.errors import Unauthorized
+from api.errors import ClientClosedRequest, RequestTimeout, Unauthorized
 
 access_log = logging.getLogger("flux.access")
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# The one rule for a request id a client or proxy may choose; anything else is replaced by a new one. The nginx
+# config renderer applies the same pattern (PCRE reads it alike), so an id is kept or replaced the same way
+# at both layers.
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+REQUEST_ID_RE = re.compile(REQUEST_ID_PATTERN)
 OPEN_PATHS = ("/health", "/live", "/metrics", "/images/", "/queue-stats")
 
 
@@ -36,6 +43,40 @@ def _route_label(path: str) -> str:
     known = ("/", "/generate", "/jobs", "/health", "/live", "/queue-stats", "/metrics", "/v1/images/generations",
              "/generate/fast", "/generate/quality")
     return path if path in known else "other"
+
+
+def _expects_body(scope) -> bool:
+    length = _header(scope, b"content-length")
+    if length is not None:
+        return length.strip() not in ("", "0")
+    return _header(scope, b"transfer-encoding") is not None
+
+
+def bounded_receive(scope, receive, timeout_s: float):
+    """`receive` with the body's bounds: each piece of a declared body must come within timeout_s (else
+    RequestTimeout, 408), and a disconnect before the body is complete is ClientClosedRequest (499). Once the
+    body is complete (or when there is none) messages pass through untouched, so disconnect polling during a
+    long generation or an event stream works as before."""
+    pending = _expects_body(scope)
+
+    async def receive_body():
+        nonlocal pending
+        if not pending:
+            return await receive()
+        try:
+            message = await asyncio.wait_for(receive(), timeout_s)
+        except asyncio.TimeoutError:
+            pending = False
+            raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s", field="body") from None
+        if message["type"] == "http.disconnect":
+            pending = False
+            raise ClientClosedRequest("the client closed the connection before sending the whole body",
+                                      field="body")
+        if not message.get("more_body", False):
+            pending = False
+        return message
+
+    return receive_body
 
 
 class RequestContext:
@@ -90,6 +131,8 @@ class RequestContext:
                 self._log(scope, request_id, 401, started, state, rt)
                 return
             state["api_key_id"] = principal
+        if rt is not None:
+            receive = bounded_receive(scope, receive, rt.settings.body_timeout_s)
         try:
             await self.app(scope, receive, send_wrapper)
         finally:

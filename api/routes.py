@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse
 
 from api import __version__
-from api.errors import NotFound
+from api.images import image_response
 from api.http import (base_url, ensure_accepting, idempotency_key, job_error, make_spec, output_options,
                       parse_generate, read_json_object, wait_for_job)
 from api.queue import Job, JobStatus
@@ -124,8 +124,4 @@ async def queue_stats(rt: Runtime = Depends(get_runtime)):
 
 @router.get("/images/{name}")
 async def image(name: str, rt: Runtime = Depends(get_runtime)):
-    path = rt.store.path_for(name)
-    if path is None:
-        raise NotFound("no such image", field="name")
-    return FileResponse(path, media_type=rt.store.media_type(path.name),
-                        headers={"Cache-Control": "public, max-age=86400"})
+    return image_response(rt.store, name)  # api/images.py: the serving rules and headers

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 
 import uvicorn
 
 from api.app import create_app
-from api.settings import Precision, load_settings
+from api.logs import configure_logging
+from api.protocol import guarded_protocol
+from api.settings import Precision, Settings, load_settings
 
 log = logging.getLogger("flux.server")
 
@@ -56,19 +57,24 @@ class DrainingServer(uvicorn.Server):
             should_exit = await self.on_tick(counter)
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stdout,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def uvicorn_config(settings: Settings, app) -> uvicorn.Config:
+    """The one uvicorn configuration of a worker (main_*.py and the test launcher alike).
+
+    - http: uvicorn's httptools protocol with header and body bounds (api/protocol.py).
+    - proxy_headers off: uvicorn would overwrite the peer address with X-Forwarded-For, and the peer is what
+      decides whether X-Forwarded-Host/-Proto are trusted (api/http.py base_url, which validates them too).
+    - log_config None: uvicorn's loggers propagate to the root handler of configure_logging, which escapes them.
+    """
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                          access_log=False, timeout_keep_alive=settings.keepalive_timeout_s, proxy_headers=False,
+                          http=guarded_protocol(settings.header_timeout_s, settings.body_timeout_s), log_config=None)
 
 
 def run(precision: Precision) -> int:
     settings = load_settings(precision)
     configure_logging(settings.log_level)
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            access_log=False, timeout_keep_alive=settings.keepalive_timeout_s,
-                            proxy_headers=True, forwarded_allow_ips=settings.trusted_proxies, log_config=None)
-    server = DrainingServer(config, app.state.runtime)
+    server = DrainingServer(uvicorn_config(settings, app), app.state.runtime)
     log.info("worker %s: precision=%s model=%s on %s:%d", settings.job_prefix, precision, settings.model,
              settings.host, settings.port)
     server.run()

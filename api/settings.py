@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     public_url: str | None = Field(None, description="base of image_url when set, e.g. https://api.example.com")
     keepalive_timeout_s: int = Field(75, description="longer than the proxy's upstream keepalive_timeout")
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty: CORS off")
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection that has not sent a complete request "
+                                    "header this long after it opened (or after its previous response) is closed")
+    body_timeout_s: float = Field(30.0, gt=0, description="longest wait for each piece of a declared request body; "
+                                  "past it the request is answered 408 and the connection closed")
 
     # queue
     max_concurrent: int = Field(2, ge=1, le=64, description="images generated together (one batched call)")

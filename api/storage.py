@@ -1,7 +1,9 @@
 """ImageStore: server-made names, atomic writes, retention.
 
 Names are 32 hex digits + ".png", ".jpg" or ".webp", made here; a lookup accepts nothing else, so no client
-string ever reaches the file system. A file appears under its final name only once complete (temp file + rename in
+string ever reaches the file system. What is served is only a regular file under such a name, opened without
+following a symlink (O_NOFOLLOW, then fstat on the open file): a link or folder planted in the output folder
+under a service-made name is "not found", and nothing outside the folder is ever read. A file appears under its final name only once complete (temp file + rename in
 the same folder), so a crash or a full disk never leaves half an image to serve.
 """
 from __future__ import annotations
@@ -11,6 +13,7 @@ import io
 import logging
 import os
 import re
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -44,10 +47,36 @@ class ImageStore:
         return MEDIA_TYPE[name.rsplit(".", 1)[-1]]
 
     def path_for(self, name: str) -> Path | None:
+        """The path of a servable image (a regular file, not a link, under a service-made name), else None."""
         if not NAME_RE.fullmatch(name):
             return None
         path = self.root / name
-        return path if path.is_file() else None
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+        return path if stat.S_ISREG(st.st_mode) else None
+
+    def open_image(self, name: str) -> tuple[io.BufferedReader, int] | None:
+        """An open image and its size, or None. The file checked is the file read: opened with O_NOFOLLOW (a
+        symlink fails to open) and checked with fstat (a folder, fifo or device is refused, without blocking)."""
+        if not NAME_RE.fullmatch(name):
+            return None
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(self.root / name, flags)
+        except OSError:  # missing, a symlink (ELOOP), unreadable
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                os.close(fd)
+                return None
+            os.set_blocking(fd, True)
+            return os.fdopen(fd, "rb"), st.st_size
+        except OSError:
+            os.close(fd)
+            return None
 
     def save(self, image, output_format: str = "png", quality: int | None = None) -> str:
         """Encode a PIL image (png, jpeg or webp) and publish it atomically; returns its name. Runs off the GPU

@@ -2,19 +2,15 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
 
+from tests.harness.waiting import wait_until
+
 
 def wait_for(predicate, timeout: float = 10.0):
-    """Poll until predicate() is truthy and return its value; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(0.02)
-    return value
+    """Poll until predicate() is truthy and return its value (tests/harness/waiting.py)."""
+    return wait_until(predicate, timeout, 0.02)
 
 
 class Background:

@@ -1,23 +1,17 @@
 """main_bf16.py and main_fp4.py as real processes on free ports: health, generate, fetch, SIGTERM drain."""
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.clients import Background, wait_for
-from tests.ports import free_port
+from tests.harness.process import Worker, start_all
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 START_TIMEOUT_S = 120
 # ~2 s of dummy:tiny on a CPU: long enough to still be on the GPU thread when SIGTERM lands
@@ -26,81 +20,18 @@ SLOW = {"prompt": "a long exposure of a city at night", "width": 512, "height": 
 QUICK = {"prompt": "a paper boat", "width": 256, "height": 256, "num_inference_steps": 2, "seed": 5}
 
 
-@dataclass
-class Worker:
-    precision: str
-    port: int
-    output_dir: Path
-    log_path: Path
-    proc: subprocess.Popen
-    health_seen: list[str] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def poll_health(self) -> bool:
-        """One /health poll; records each new state; True once ready."""
-        if self.proc.poll() is not None:
-            pytest.fail(f"{self.precision} worker exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-        try:
-            response = httpx.get(f"{self.url}/health", timeout=2)
-        except httpx.TransportError:
-            return False
-        status = response.json()["status"]
-        if not self.health_seen or self.health_seen[-1] != status:
-            self.health_seen.append(status)
-        return response.status_code == 200
-
-
-def wait_all_ready(workers: list[Worker]) -> None:
-    """Polls every worker in turn from the start, so each one's "loading" phase is seen, not only the first's."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    pending = list(workers)
-    while pending and time.monotonic() < deadline:
-        pending = [w for w in pending if not w.poll_health()]
-        time.sleep(0.02)
-    for worker in pending:
-        pytest.fail(f"{worker.precision} worker not ready after {START_TIMEOUT_S} s:\n{worker.log()[-3000:]}")
-
-
-def start_worker(precision: str, tmp: Path) -> Worker:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLUX_", "BF16_", "FP4_", "FP8_"))}
-    env.update({
-        f"{precision.upper()}_API_PORT": str(port),
-        "FLUX_MODEL": "dummy:tiny",
-        "FLUX_DEVICE": "cpu",
-        "FLUX_OUTPUT_DIR": str(tmp / f"{precision}-images"),
-        # a warm-up of a second or more, so that "loading" is observable between the bind and "ready"
-        "FLUX_WARMUP_SIZES": "1024x1024,512x512",
-        "FLUX_WARMUP_STEPS": "2",
-        "FLUX_DRAIN_TIMEOUT_S": "60",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
-    })
-    log_path = tmp / f"{precision}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, f"main_{precision}.py"], cwd=ROOT, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    return Worker(precision, port, tmp / f"{precision}-images", log_path, proc)
-
-
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("workers")
-    started = {p: start_worker(p, tmp) for p in ("bf16", "fp4")}  # both import torch at the same time
+    # a warm-up of a second or more, so that "loading" is observable between the bind and "ready"
+    env = {"FLUX_WARMUP_SIZES": "1024x1024,512x512", "FLUX_WARMUP_STEPS": "2", "FLUX_DRAIN_TIMEOUT_S": "60"}
+    started = {p: Worker(p, tmp, env, precision=p) for p in ("bf16", "fp4")}
     try:
-        wait_all_ready(list(started.values()))
+        start_all(*started.values(), timeout=START_TIMEOUT_S, interval=0.02)  # both import torch at once
         yield started
     finally:
         for worker in started.values():
-            if worker.proc.poll() is None:
-                worker.proc.kill()
-                worker.proc.wait(10)
+            worker.kill()
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -155,7 +86,7 @@ def test_worker_process_serves_health_info_generate_and_the_image(workers, preci
 
     # one access-log line per request: id, status, queue ms, generate ms
     request_id = body["request_id"]
-    lines = wait_for(lambda: [ln for ln in worker.log().splitlines() if f"request_id={request_id}" in ln],
+    lines = wait_for(lambda: [ln for ln in worker.log_text().splitlines() if f"request_id={request_id}" in ln],
                      timeout=20)
     assert len(lines) == 1
     assert "status=200" in lines[0] and "queue_ms=" in lines[0] and "generate_ms=" in lines[0]
@@ -185,8 +116,8 @@ def test_sigterm_answers_work_in_flight_then_exits_zero(workers, precision):
         name = response.json()["image_url"].rsplit("/", 1)[1]
         assert (worker.output_dir / name).read_bytes().startswith(PNG_MAGIC)
 
-    assert worker.proc.wait(30) == 0, worker.log()[-3000:]
-    log = worker.log()
+    assert worker.proc.wait(30) == 0, worker.log_text()[-3000:]
+    log = worker.log_text()
     assert "draining" in log and "Traceback" not in log
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{worker.url}/live", timeout=2)

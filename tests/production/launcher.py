@@ -21,11 +21,10 @@ import sys
 from pathlib import Path
 
 import torch
-import uvicorn
 
 import api.storage
 from api.app import build_engine, create_app
-from api.server import DrainingServer, configure_logging
+from api.server import DrainingServer, configure_logging, uvicorn_config
 from api.settings import load_settings
 from models.flux import FluxEngine
 
@@ -96,9 +95,7 @@ def main() -> int:
     if fault_dir:
         install_disk_full_switch(Path(fault_dir))
     app = create_app(settings, engine=FaultyEngine(build_engine(settings).config))
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            access_log=False, timeout_keep_alive=settings.keepalive_timeout_s, log_config=None)
-    server = DrainingServer(config, app.state.runtime)
+    server = DrainingServer(uvicorn_config(settings, app), app.state.runtime)
     server.run()
     return server.exit_code
 

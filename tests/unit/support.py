@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import socket
 import threading
 import time
@@ -17,13 +16,13 @@ from pathlib import Path
 import httpx
 import torch
 import uvicorn
-from PIL import Image
 
 from api.settings import Settings
 from models.flux import FluxEngine
+from tests.harness.asserts import PNG_MAGIC, assert_error, assert_png  # noqa: F401 (re-exported)
+from tests.harness.waiting import wait_until_async as wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # The smallest request the API accepts, rendered in a few hundredths of a second by dummy:tiny.
 SMALL = {"prompt": "a red fox in fresh snow", "width": 256, "height": 256, "num_inference_steps": 2, "seed": 7}
@@ -121,19 +120,6 @@ class OutOfMemoryPipe(FailingPipe):
 
 
 # ---- in-process app (ASGI) ------------------------------------------------------------------------
-async def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(interval)
-
-
 async def wait_for_state(http: httpx.AsyncClient, state: str, timeout: float = 20.0) -> dict:
     async def reached():
         body = (await http.get("/health")).json()
@@ -211,20 +197,10 @@ class ThreadedServer:
             raise self.error
 
 
-# ---- assertions -----------------------------------------------------------------------------------
+# ---- assertions (tests/harness/asserts.py, under the names the in-process tests use) -------------------
 def assert_json_error(response: httpx.Response, status: int, code: str, field: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json"), response.headers
-    assert "Traceback" not in response.text and 'File "' not in response.text
-    error = response.json()["error"]
-    assert error["code"] == code, error
-    if field is not None:
-        assert error["field"] == field, error
-    return error
+    return assert_error(response, status, code, field)
 
 
-def png_image(data: bytes) -> Image.Image:
-    assert data.startswith(PNG_MAGIC), data[:16]
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
+def png_image(data: bytes):
+    return assert_png(data)

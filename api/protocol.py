@@ -1,0 +1,97 @@
+"""uvicorn's HTTP/1.1 protocol with two bounds it lacks: one on the request header, one on the request body.
+
+uvicorn (0.54) times only idle keep-alive connections. A client that opens a connection and sends nothing, or one
+header byte a minute, or declares a body and then stalls, holds a socket and a file descriptor for ever; a few
+thousand such clients exhaust a worker reached directly, whatever nginx does in front of the others. So, per
+connection:
+
+- header: armed when the connection opens and when a new request begins, cancelled once the request's headers
+  are complete; on expiry the connection is closed (nothing useful can be said to a client mid-header, and nginx's
+  client_header_timeout does the same).
+- body: armed when the headers are complete and again on every piece of the body, cancelled when the body is
+  complete. While the app is still working on the request, the app's own per-receive bound (api/middleware.py)
+  answers 408; once the response has gone, a body still trickling in is no longer anyone's and the connection
+  is closed.
+
+Built on uvicorn's httptools protocol (uvicorn[standard] installs httptools; it is uvicorn's default "auto" choice
+too) and selected in api/server.py uvicorn_config, the one place a worker's uvicorn is configured.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+
+log = logging.getLogger("flux.connection")
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._guard: asyncio.TimerHandle | None = None
+        self._guard_kind = ""
+
+    def _arm(self, kind: str, delay: float) -> None:
+        self._disarm()
+        self._guard_kind = kind
+        self._guard = self.loop.call_later(delay, self._expired, kind)
+
+    def _disarm(self) -> None:
+        if self._guard is not None:
+            self._guard.cancel()
+        self._guard, self._guard_kind = None, ""
+
+    def _expired(self, kind: str) -> None:
+        self._guard, self._guard_kind = None, ""
+        if self.transport is None or self.transport.is_closing():
+            return
+        if kind == "body" and self.cycle is not None and not self.cycle.response_complete:
+            # the app holds the request: its per-receive bound answers 408 (with the request id); keep watching
+            self._arm("body", self.body_timeout_s)
+            return
+        peer = "%s:%s" % self.client if self.client else "?"
+        if kind == "header":
+            log.info("closing connection from %s: no complete request header within %.0f s", peer,
+                     self.header_timeout_s)
+        else:
+            log.info("closing connection from %s: request body stalled for %.0f s after the response", peer,
+                     self.body_timeout_s)
+        self.transport.close()
+
+    # asyncio.Protocol
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm("header", self.header_timeout_s)
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    # httptools parser callbacks
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._guard_kind != "header":  # a connection's first request already runs on the connect-time bound
+            self._arm("header", self.header_timeout_s)
+
+    def on_headers_complete(self) -> None:
+        self._arm("body", self.body_timeout_s)  # on_message_complete disarms it at once when there is no body
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self._arm("body", self.body_timeout_s)
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+
+def guarded_protocol(header_timeout_s: float, body_timeout_s: float) -> type[GuardedHttpToolsProtocol]:
+    """The protocol class for uvicorn.Config(http=...), with this worker's bounds."""
+    return type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,),
+                {"header_timeout_s": header_timeout_s, "body_timeout_s": body_timeout_s})
