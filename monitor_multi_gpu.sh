@@ -174,7 +174,10 @@ render() {
 }
 
 # Log levels and Python failures; case-sensitive so the logger name "uvicorn.error" is no hit.
-ERROR_PATTERN='\b(ERROR|CRITICAL|FATAL)\b|Traceback|[A-Za-z]+(Error|Exception):|out of memory|Killed'
+# Anchored to where the worker's log puts them (api/logs.py: "<date> <time> LEVEL logger: message", then a
+# traceback's own lines): client-supplied text sits escaped inside a message, so a request path saying
+# "ERROR" or "Traceback" is never read as one.
+ERROR_PATTERN='^[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9:,.]+ (ERROR|CRITICAL) |^Traceback |^[A-Za-z_][A-Za-z0-9_.]*(Error|Exception)(:|$)|^Fatal Python error|^Killed'
 
 # The current run of a log starts at its last "=== <date> start GPU ..." line (written by every entry point
 # that starts a worker). Its errors are shown; earlier runs' only with --all-errors, each marked.

@@ -148,13 +148,16 @@ def test_systemd_entry_points_are_what_status_and_the_monitor_describe(tmp_path)
         assert str(procs[1].pid) in rows[str(base + 1)] and " fp4 " in rows[str(base + 1)], st.stdout
 
         with open(logs / f"flux_gpu1_port{base + 1}.log", "a") as fh:
-            fh.write("ERROR \x1b[2J\x1b]0;owned\x07 planted\r\n")
+            fh.write("2026-11-30 00:00:00,000 ERROR flux: \x1b[2J\x1b]0;owned\x07 planted\r\n")
+            # what an escaped client string looks like inside a worker's line: never an error
+            fh.write("2026-11-30 00:00:01,000 INFO flux.access: path=/x\\x0aERROR Traceback RuntimeError: forged\n")
         mon = _run(MONITOR, monitor_env, "--once", "--errors", timeout=60)
         assert mon.returncode == 0, mon.stdout + mon.stderr
         assert str(base) in mon.stdout and str(base + 1) in mon.stdout and "nginx: up" in mon.stdout
         assert "2/2 ready" in mon.stdout
         assert "planted" in mon.stdout and not any(c in mon.stdout for c in "\x1b\x07\r"), repr(mon.stdout)
         assert "an old failure" not in mon.stdout and "earlier runs" in mon.stdout
+        assert "forged" not in mon.stdout, mon.stdout
         every = _run(MONITOR, monitor_env, "--once", "--all-errors", timeout=60)
         assert "[earlier run] RuntimeError: an old failure" in every.stdout, every.stdout
     finally:
