@@ -31,6 +31,7 @@ usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
 
 resolve_targets() {
     load_paths
+    [[ -n "$NUM_GPUS" ]] || NUM_GPUS="$(state_get NUM_WORKERS 2>/dev/null || true)"   # -g groups GPUs
     [[ -n "$NUM_GPUS" ]] || NUM_GPUS="$(state_get NUM_GPUS 2>/dev/null || true)"
     [[ -n "$NUM_GPUS" ]] || NUM_GPUS="$(detect_gpu_count)"
     [[ -n "$BASE_PORT" ]] || BASE_PORT="$(state_get BASE_PORT 2>/dev/null || true)"
