@@ -39,7 +39,7 @@ def build_engine(settings: Settings) -> FluxEngine:
 
         return ParallelEngine(config, GroupConfig(
             mode=settings.parallel, world_size=settings.parallel_world_size, backend=settings.parallel_backend,
-            timeout_s=settings.parallel_timeout_s, log_level=settings.log_level))
+            timeout_s=settings.parallel_timeout_s, overlap=settings.parallel_overlap, log_level=settings.log_level))
     return FluxEngine(config)
 
 

@@ -50,6 +50,8 @@ class Settings(BaseSettings):
                                         "the number CUDA_VISIBLE_DEVICES lists (1 when it lists none)")
     parallel_backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="torch.distributed backend; "
                                                                "auto: nccl (gloo only for CPU tests)")
+    parallel_overlap: bool = Field(False, description="let the compiler move the group's all-to-alls to overlap "
+                                   "computation (inductor reorder_for_compute_comm_overlap; compiled GPUs only)")
     parallel_timeout_s: float = Field(300.0, gt=0, description="longest wait in one collective before the "
                                       "group gives up (a last resort: a dead rank is seen within a second)")
 

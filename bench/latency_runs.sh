@@ -7,6 +7,7 @@
 #       one        one worker on GPU 0 (the baseline)
 #       ulysses    one worker over GPUs 0,1, FLUX_PARALLEL=ulysses
 #       ring       one worker over GPUs 0,1, FLUX_PARALLEL=ring (cuDNN attention)
+#       ulysses-overlap, ring-overlap   the same with FLUX_PARALLEL_OVERLAP=1
 #   default: one ulysses ring. After each case the same seed's image is kept, and the images of the cases are
 #   compared pixel by pixel at the end (same model, same seed: only bf16 rounding may differ).
 #
@@ -99,6 +100,8 @@ for c in "${cases[@]}"; do
         one) run_case one 1 1 off ;;
         ulysses) run_case ulysses 2 2 ulysses ;;
         ring) run_case ring 2 2 ring ;;
+        ulysses-overlap) FLUX_PARALLEL_OVERLAP=1 run_case ulysses-overlap 2 2 ulysses ;;
+        ring-overlap) FLUX_PARALLEL_OVERLAP=1 run_case ring-overlap 2 2 ring ;;
         *) echo "unknown case $c" ;;
     esac
 done

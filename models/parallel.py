@@ -75,6 +75,7 @@ class GroupConfig:
     world_size: int
     backend: str = "auto"  # auto | nccl | gloo
     timeout_s: float = 300.0
+    overlap: bool = False  # inductor may reorder the compiled blocks' collectives to overlap compute
     log_level: str = "info"
 
 
@@ -159,6 +160,16 @@ class _GroupMember(FluxEngine):
             ContextParallelConfig(ring_degree=n)
         with _cpu_device_index() if device.type == "cpu" else contextlib.nullcontext():
             pipe.transformer.enable_parallelism(config=cp)
+        if self.group.overlap and self.config.compile and device.type == "cuda":
+            import torch._inductor.comms as inductor_comms
+            import torch._inductor.config as inductor_config
+
+            inductor_config.reorder_for_compute_comm_overlap = True
+            # torch's recommended pass list (config.py), keeping those this torch has
+            passes = ["reorder_communication_preserving_peak_memory", "sink_waits_iterative",
+                      "reorder_communication_preserving_peak_memory"]
+            inductor_config.reorder_for_compute_comm_overlap_passes = [
+                p for p in passes if hasattr(inductor_comms, p)]
         notes.append(f"context parallel: {self.group.mode} over {n} "
                      f"{'GPUs' if device.type == 'cuda' else 'CPU processes'} ({self.backend}, attention "
                      f"{self.config.attention_backend})")

@@ -117,7 +117,11 @@ def test_group_renders_the_one_process_image_refuses_unsplittable_sizes_cancels_
         assert again.status_code == 200, again.text
         assert httpx.get(f"{url}/health").json()["status"] == "ready"
 
-        # rank 0 dies without a word: its follower notices (its pipe closes) and exits by itself
+        # rank 0 dies mid-render, without a word: its follower, inside the collectives of that render, notices
+        # (its pipe from rank 0 closes) and exits by itself instead of waiting for the collective timeout
+        job = httpx.post(f"{url}/jobs", json=dict(QUICK, width=512, height=512, num_inference_steps=50),
+                         timeout=30).json()
+        wait_for(lambda: httpx.get(f"{url}/jobs/{job['job_id']}").json().get("step", 0) >= 1, timeout=60)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         assert wait_for(lambda: not alive(followers[0]), timeout=10)
@@ -130,6 +134,7 @@ def test_group_renders_the_one_process_image_refuses_unsplittable_sizes_cancels_
 def test_a_dead_follower_takes_the_group_down_for_a_restart(tmp_path):
     proc, port, log = start_group(tmp_path)
     try:
+        # as soon as it exists: rank 0 watches its followers from the start (here: while both load)
         follower = wait_for(lambda: children(proc.pid), timeout=60)[0]
         os.kill(follower, signal.SIGKILL)
         # rank 0 cannot finish a collective without it: it exits non-zero at once instead of hanging
