@@ -373,7 +373,6 @@ class _Channel:
         self._fd = fd
         self._parent = os.getppid()
         self._messages: queue.Queue = queue.Queue()
-        self.shutdown = False
         threading.Thread(target=self._read, name="rank0-pipe", daemon=True).start()
 
     def _read(self) -> None:
@@ -392,10 +391,12 @@ class _Channel:
                 line, buffer = buffer.split(b"\n", 1)
                 self._messages.put(json.loads(line))
 
-    def _exit(self, why: str) -> None:
+    @staticmethod
+    def _exit(why: str) -> None:
+        # rank 0 is what is supervised: whether it stopped cleanly or died, a follower has nothing left to do
         log.info("%s: exiting", why)
         logging.shutdown()
-        os._exit(0 if self.shutdown else 1)
+        os._exit(0)
 
     def next(self) -> dict:
         return self._messages.get()
