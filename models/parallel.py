@@ -249,7 +249,7 @@ class ParallelEngine(_GroupMember):
         threading.Thread(target=self._watch_followers, name="group-watch", daemon=True).start()
         import atexit
 
-        atexit.register(self.close)
+        atexit.register(self._at_exit)
 
     def follower_pids(self) -> list[int]:
         return [p.pid for p in self._followers]
@@ -297,6 +297,13 @@ class ParallelEngine(_GroupMember):
             return
         self._closing = True
         self._stop_followers(grace_s=5)
+
+    def _at_exit(self) -> None:
+        self.close()
+        if self._broken:
+            # skip interpreter teardown: a communicator left inside an unfinished collective can block it
+            logging.shutdown()
+            os._exit(3)
 
     def _break_group(self, why: str) -> None:
         self._broken = why
