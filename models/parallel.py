@@ -231,6 +231,9 @@ class ParallelEngine(_GroupMember):
             self._spawn_followers(store.port)
             self.join(store)
             info = super().load()
+            if info.max_sequence_length % self.group.world_size:
+                raise ValueError(f"the {info.max_sequence_length} text tokens of {info.model} do not split across "
+                                 f"{self.group.world_size} GPUs; use a group of 2, 4 or 8")
         except BaseException:
             self.close()
             raise
