@@ -49,6 +49,7 @@ resolve_targets() {
         done < <(worker_records)
     fi
     if ((${#GPUS[@]} == 0)); then
+        [[ -n "$NUM_GPUS" ]] || NUM_GPUS="$(state_get NUM_WORKERS 2>/dev/null || true)"   # -g groups GPUs
         [[ -n "$NUM_GPUS" ]] || NUM_GPUS="$(state_get NUM_GPUS 2>/dev/null || true)"
         [[ -n "$NUM_GPUS" ]] || NUM_GPUS="$(detect_gpu_count)"
         [[ -n "$BASE_PORT" ]] || BASE_PORT="$(state_get BASE_PORT 2>/dev/null || true)"

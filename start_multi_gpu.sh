@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Start, stop and inspect one FLUX worker per GPU behind an nginx load balancer.
 #
-# Usage: ./start_multi_gpu.sh [start|stop|status|restart|prepare] [-m MODE] [-c NGINX_CONF]
+# Usage: ./start_multi_gpu.sh [start|stop|status|restart|prepare] [-m MODE] [-g GPUS] [-c NGINX_CONF]
 #        ./start_multi_gpu.sh nginx-conf       print the nginx config for the current settings
 #        ./start_multi_gpu.sh worker N         run worker N in the foreground (systemd template unit)
 #        ./start_multi_gpu.sh nginx            run nginx in the foreground (systemd unit)
 #
-#   start (default)  start NUM_GPUS workers (GPU i on port BASE_PORT+i), wait for /health, start
+#   start (default)  start a worker per GPU (or per -g group; worker i on port BASE_PORT+i), wait for /health, start
 #                    nginx on NGINX_PORT, print a table and the URL; the services keep running
 #   stop             drain (workers finish accepted work, nginx finishes open requests), then stop;
 #                    safe to run when nothing runs
@@ -19,11 +19,18 @@
 #                    | one precision per GPU: fp4,fp4,bf16,bf16
 #                    With more than one precision, /generate/fast goes to fp8 (or fp4) workers,
 #                    /generate/quality to bf16 workers and /generate to all of them.
+#   -g GPUS          GPUs per worker (default 1): one number for every worker, or a list per worker
+#                    (2,2,1,1,1,1). A worker of several GPUs renders each image on all of them
+#                    (latency mode, FLUX_PARALLEL, default ulysses); GPUs are handed out in order, one
+#                    port per worker. -m then names one precision per worker.
 #   -c FILE          use this nginx config as given instead of rendering one; nginx's port is FILE's
 #                    `listen` port (NGINX_PORT, when set, must agree)
 #
 # Environment (every setting can also be edited at the top of this file):
-#   NUM_GPUS            workers to start (default: GPUs listed by nvidia-smi; 1 in CPU mode)
+#   NUM_GPUS            GPUs to use (default: GPUs listed by nvidia-smi; 1 in CPU mode); one worker
+#                       per GPU unless -g groups them
+#   FLUX_GPUS_PER_WORKER  default for -g                                                (default 1)
+#   FLUX_PARALLEL       ulysses | ring: how a worker of several GPUs splits an image  (default ulysses)
 #   BASE_PORT           port of worker 0; worker i gets BASE_PORT+i                  (default 8000)
 #   NGINX_PORT          port nginx listens on                                        (default 80)
 #   NGINX_ADDR          address nginx listens on                              (default: all addresses)
@@ -70,7 +77,37 @@ resolve_settings() {
     if cpu_mode; then CPU_MODE=1; else CPU_MODE=0; fi
     [[ -n "$NUM_GPUS" ]] || NUM_GPUS="$(detect_gpu_count)"
     [[ "$NUM_GPUS" =~ ^[1-9][0-9]*$ ]] || fatal "NUM_GPUS must be a positive number, got '$NUM_GPUS'"
-    MODES="$(expand_modes "$MODE_SPEC" "$NUM_GPUS")"
+    expand_gpu_groups "$GPU_SPEC" "$NUM_GPUS"
+    MODES="$(expand_modes "$MODE_SPEC" "$NUM_WORKERS")"
+}
+
+# -g: GPUs per worker, one number or a per-worker list. Sets GPU_GROUPS (each worker's CUDA_VISIBLE_DEVICES,
+# GPUs handed out in order) and NUM_WORKERS.
+expand_gpu_groups() {
+    local spec="$1" total="$2" n g next=0 ids
+    local -a sizes=()
+    GPU_GROUPS=()
+    if [[ "$spec" =~ ^[1-9][0-9]*$ ]]; then
+        ((total % spec == 0)) ||
+            fatal "-g $spec: $total GPU(s) do not split into workers of $spec (set NUM_GPUS, or list each worker: -g 2,1)"
+        for ((n = 0; n < total / spec; n++)); do sizes+=("$spec"); done
+    elif [[ "$spec" =~ ^[1-9][0-9]*(,[1-9][0-9]*)+$ ]]; then
+        IFS=, read -r -a sizes <<<"$spec"
+    else
+        fatal "-g must be the GPUs per worker (2) or one count per worker (2,2,1,1), got '$spec'"
+    fi
+    for n in "${sizes[@]}"; do
+        ids=""
+        for ((g = next; g < next + n; g++)); do ids+="${ids:+,}$g"; done
+        next=$((next + n))
+        GPU_GROUPS+=("$ids")
+        if ((n > 1)) && [[ "${FLUX_PARALLEL:-ulysses}" == off ]]; then
+            fatal "-g $spec gives a worker $n GPUs, but FLUX_PARALLEL=off: use ulysses or ring"
+        fi
+    done
+    ((next <= total)) || fatal "-g $spec needs $next GPUs, but NUM_GPUS is $total"
+    ((next == total)) || warn "-g $spec uses $next of $total GPUs"
+    NUM_WORKERS=${#GPU_GROUPS[@]}
 }
 
 # The interpreter for the workers: FLUX_PYTHON, the active virtualenv/conda env, ./.venv, or a
@@ -102,12 +139,15 @@ resolve_python() {
 
 # The environment of worker i, as NAME=value words for env(1).
 worker_env() {
-    local i="$1" prec="$2" port threads
+    local i="$1" prec="$2" port threads group="${GPU_GROUPS[$1]:-$1}" size
     port="$(worker_port "$i")"
+    size=$(($(tr -cd , <<<"$group" | wc -c) + 1))
     WORKER_ENV=(
-        "FLUX_GPU_INDEX=$i" "FLUX_WORKER_ID=$port" "FLUX_PORT=$port" "$(port_env_name "$prec")=$port"
+        "FLUX_GPU_INDEX=${group%%,*}" "FLUX_GPUS_PER_WORKER=$size" "FLUX_WORKER_ID=$port" "FLUX_PORT=$port" "$(port_env_name "$prec")=$port"
         "FLUX_OUTPUT_DIR=$OUTPUT_DIR" "FLUX_HOST=${FLUX_HOST:-127.0.0.1}" "PYTHONUNBUFFERED=1"
     )
+    # a worker of one GPU never joins a group, also when FLUX_PARALLEL is set for the others
+    if ((size > 1)); then WORKER_ENV+=("FLUX_PARALLEL=${FLUX_PARALLEL:-ulysses}"); else WORKER_ENV+=("FLUX_PARALLEL=off"); fi
     if [[ "$CPU_MODE" == 1 ]]; then
         # Share the cores instead of every worker starting one thread per core.
         threads=$(($(nproc 2>/dev/null || echo 2) / NUM_GPUS))
@@ -115,7 +155,7 @@ worker_env() {
         WORKER_ENV+=("FLUX_DEVICE=cpu" "CUDA_VISIBLE_DEVICES=" "FLUX_MODEL=${FLUX_MODEL:-dummy:tiny}"
             "OMP_NUM_THREADS=${OMP_NUM_THREADS:-$threads}")
     else
-        WORKER_ENV+=("CUDA_VISIBLE_DEVICES=$i")
+        WORKER_ENV+=("CUDA_VISIBLE_DEVICES=$group")
     fi
 }
 
@@ -160,7 +200,7 @@ wait_for_workers() {
     read -r -a modes <<<"$MODES"
     local i pid state line
     pending=()
-    for ((i = 0; i < NUM_GPUS; i++)); do pending+=("$i"); done
+    for ((i = 0; i < NUM_WORKERS; i++)); do pending+=("$i"); done
     while ((${#pending[@]} > 0)); do
         still=()
         line=""
@@ -201,20 +241,17 @@ wait_for_workers() {
 # One worker's start-up progress from its /health body while it loads, e.g.
 # "warmup 1024x1024 1/3 (41s, last start 31s)" or "loading (12s)".
 worker_progress() {
-    local phase item done_n total item_s expected
+    local phase item done_n total item_s expected elapsed
     http_get "http://127.0.0.1:$1/health" 2
-    phase="$(json_field phase "$HTTP_BODY")"
+    { read -r phase; read -r item; read -r done_n; read -r total; read -r item_s; read -r expected; read -r elapsed; } < <(
+        json_get "$HTTP_BODY" progress.phase progress.item progress.done progress.total progress.item_elapsed_s \
+            progress.expected_s progress.elapsed_s)
     [[ -n "$phase" ]] || { echo loading; return; }
-    item="$(json_field item "$HTTP_BODY")"
-    done_n="$(json_field "done" "$HTTP_BODY")"
-    total="$(json_field total "$HTTP_BODY")"
-    item_s="$(json_field item_elapsed_s "$HTTP_BODY")"
-    expected="$(json_field expected_s "$HTTP_BODY")"
     case "$phase" in
-        warmup) printf 'warmup %s %s/%s (%ss%s)' "${item// /_}" "$((done_n + 1))" "$total" "${item_s%.*}" \
+        warmup) printf 'warmup %s %s/%s (%ss%s)' "${item// /_}" "$((${done_n:-0} + 1))" "$total" "${item_s%.*}" \
             "$([[ -n "$expected" && "$expected" != null ]] && echo ", last start ${expected%.*}s")" ;;
         waiting) printf 'waiting for another worker'"'"'s compile (%ss)' "${item_s%.*}" ;;
-        *) printf '%s (%ss)' "$phase" "$(json_field elapsed_s "$HTTP_BODY" | cut -d. -f1)" ;;
+        *) printf '%s (%ss)' "$phase" "${elapsed%.*}" ;;
     esac
 }
 
@@ -226,7 +263,7 @@ worker_args() {
     local -a modes
     local i
     read -r -a modes <<<"$MODES"
-    for ((i = 0; i < NUM_GPUS; i++)); do printf -- '--worker\n%s:%s\n' "$(worker_port "$i")" "${modes[$i]}"; done
+    for ((i = 0; i < NUM_WORKERS; i++)); do printf -- '--worker\n%s:%s\n' "$(worker_port "$i")" "${modes[$i]}"; done
 }
 
 nginx_listen() { if [[ -n "${NGINX_ADDR:-}" ]]; then echo "$NGINX_ADDR:$NGINX_PORT"; else echo "$NGINX_PORT"; fi; }
@@ -393,14 +430,14 @@ print_endpoint() {
     if live_pid "$(nginx_pidfile)" "$(nginx_marker)" >/dev/null; then
         url="http://$host"
         [[ "$NGINX_PORT" == 80 ]] || url+=":$NGINX_PORT"
-        banner "API endpoint: $url/generate   (nginx, least_conn over $NUM_GPUS workers)"
+        banner "API endpoint: $url/generate   (nginx, least_conn over $NUM_WORKERS workers)"
         if [[ " $MODES " == *" bf16 "* && ( " $MODES " == *" fp4 "* || " $MODES " == *" fp8 "* ) ]]; then
             info "mixed precision: $url/generate/fast and $url/generate/quality"
         fi
         info "nginx logs: $NGINX_LOG_DIR/access.log (JSON), $NGINX_LOG_DIR/error.log"
     else
         banner "Direct access (no nginx): one URL per worker"
-        for ((i = 0; i < NUM_GPUS; i++)); do echo "  http://127.0.0.1:$(worker_port "$i")/generate"; done
+        for ((i = 0; i < NUM_WORKERS; i++)); do echo "  http://127.0.0.1:$(worker_port "$i")/generate"; done
     fi
     info "worker logs: $LOG_DIR/   monitor: ./monitor_multi_gpu.sh   stop: ./start_multi_gpu.sh stop"
 }
@@ -418,7 +455,7 @@ cmd_start() {
     for prec in "${modes[@]}"; do
         [[ -f "$(worker_script "$prec")" ]] || fatal "$(worker_script "$prec") not found"
     done
-    for ((i = 0; i < NUM_GPUS; i++)); do
+    for ((i = 0; i < NUM_WORKERS; i++)); do
         port="$(worker_port "$i")"
         holder="$(port_holder "$port")"
         [[ -z "$holder" ]] || fatal "port $port (GPU $i) is already in use by $holder; stop it, or choose another BASE_PORT"
@@ -429,16 +466,18 @@ cmd_start() {
 
     if [[ "$CPU_MODE" == 1 ]]; then
         banner "*** CPU DEMO: no GPU in use (FLUX_DEVICE=${FLUX_DEVICE:-auto}, nvidia-smi $(have nvidia-smi && echo found || echo missing)) ***"
-        banner "*** $NUM_GPUS CPU worker(s) with FLUX_MODEL=${FLUX_MODEL:-dummy:tiny}: synthetic weights, not real images ***"
+        banner "*** $NUM_WORKERS CPU worker(s) with FLUX_MODEL=${FLUX_MODEL:-dummy:tiny}: synthetic weights, not real images ***"
     fi
-    info "starting $NUM_GPUS worker(s) on ports $BASE_PORT-$((BASE_PORT + NUM_GPUS - 1)) (precision: $MODES; python: $PYTHON)"
+    info "starting $NUM_WORKERS worker(s) on ports $BASE_PORT-$((BASE_PORT + NUM_WORKERS - 1)) (precision: $MODES; GPUs: ${GPU_GROUPS[*]}; python: $PYTHON)"
     NGINX_CONF="$CUSTOM_CONF"
     rm -f "$RUN_DIR"/worker_gpu*.state "$(nginx_record)"   # nothing runs: records of an earlier run
     write_state
+    state_set GPU_SPEC "$GPU_SPEC"
+    state_set NUM_WORKERS "$NUM_WORKERS"   # what monitor_multi_gpu.sh watches (NUM_GPUS counts GPUs)
     # Ctrl-C or a TERM while workers load: stop them too, rather than leave them loading with nobody watching.
     trap 'abort_start "interrupted (SIGINT)" 130' INT
     trap 'abort_start "terminated (SIGTERM)" 143' TERM
-    for ((i = 0; i < NUM_GPUS; i++)); do launch_worker "$i" "${modes[$i]}"; done
+    for ((i = 0; i < NUM_WORKERS; i++)); do launch_worker "$i" "${modes[$i]}"; done
 
     if ! wait_for_workers; then
         abort_start "start failed" 1
@@ -550,6 +589,8 @@ load_state() {
         NGINX_PORT="$(state_get NGINX_PORT)"
         MODES="$(state_get MODES)"
         CPU_MODE="$(state_get CPU_MODE)"
+        GPU_SPEC="$(state_get GPU_SPEC)"
+        expand_gpu_groups "${GPU_SPEC:-1}" "$NUM_GPUS"
         v="$(state_get NGINX_CONF)"
         [[ -z "$CUSTOM_CONF" ]] && CUSTOM_CONF="$v"
         return 0
@@ -585,6 +626,10 @@ cmd_restart() {
             [[ "$MODE_SPEC" == *,* && -z "$(tr ',' '\n' <<<"$MODE_SPEC" | sort -u | sed -n 2p)" ]] && MODE_SPEC="${MODE_SPEC%%,*}"
             [[ -n "${NUM_GPUS_ENV:-}" ]] || NUM_GPUS="$(state_get NUM_GPUS)"
         fi
+        if [[ "$GPU_SPEC_GIVEN" == 0 ]]; then
+            GPU_SPEC="$(state_get GPU_SPEC)"
+            GPU_SPEC="${GPU_SPEC:-1}"
+        fi
         [[ -n "$CUSTOM_CONF" ]] || CUSTOM_CONF="$(state_get NGINX_CONF)"
     fi
     cmd_stop
@@ -597,8 +642,12 @@ cmd_worker() {
     local -a modes
     [[ "$i" =~ ^[0-9]+$ ]] || fatal "usage: $0 worker GPU_INDEX"
     resolve_settings
-    ((i < NUM_GPUS)) || NUM_GPUS=$((i + 1))
-    MODES="$(expand_modes "$MODE_SPEC" "$NUM_GPUS")"
+    if [[ "$GPU_SPEC" == 1 ]]; then
+        ((i < NUM_GPUS)) || NUM_GPUS=$((i + 1))
+        expand_gpu_groups 1 "$NUM_GPUS"
+    fi
+    ((i < NUM_WORKERS)) || fatal "worker $i: -g $GPU_SPEC over $NUM_GPUS GPUs makes $NUM_WORKERS workers"
+    MODES="$(expand_modes "$MODE_SPEC" "$NUM_WORKERS")"
     read -r -a modes <<<"$MODES"
     resolve_python
     mkdir -p "$RUN_DIR" "$LOG_DIR" "$OUTPUT_DIR"
@@ -638,6 +687,8 @@ main() {
     local cmd=start arg=""
     MODE_SPEC="${FLUX_MODE:-fp4}"
     MODE_SPEC_GIVEN=0
+    GPU_SPEC="${FLUX_GPUS_PER_WORKER:-1}"
+    GPU_SPEC_GIVEN=0
     CUSTOM_CONF=""
     NUM_GPUS_ENV="$NUM_GPUS"
     while (($# > 0)); do
@@ -645,6 +696,7 @@ main() {
             start | stop | status | restart | prepare | nginx | nginx-conf) cmd="$1" ;;
             worker) cmd=worker; arg="${2:-}"; shift || true ;;
             -m | --mode) MODE_SPEC="${2:?-m needs a mode}"; MODE_SPEC_GIVEN=1; shift ;;
+            -g | --gpus-per-worker) GPU_SPEC="${2:?-g needs a GPU count}"; GPU_SPEC_GIVEN=1; shift ;;
             -c | --config)
                 CUSTOM_CONF="${2:?-c needs a file}"; shift
                 [[ "$CUSTOM_CONF" == /* ]] || CUSTOM_CONF="$PWD/$CUSTOM_CONF" ;;

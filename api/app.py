@@ -27,14 +27,21 @@ SWEEP_INTERVAL_S = 30.0
 
 
 def build_engine(settings: Settings) -> FluxEngine:
-    return FluxEngine(EngineConfig(
+    config = EngineConfig(
         model=settings.model, precision=settings.precision, device=settings.device, compile=settings.compile,
         prompt_cache_size=settings.prompt_cache_size, warmup_sizes=settings.warmup_size_list,
         warmup_steps=settings.warmup_steps, fp4_quant_type=settings.fp4_quant_type,
         compile_cache_dir=settings.compile_cache_dir, fuse_qkv=settings.fuse_qkv,
         attention_backend=settings.attention_backend, compile_mode=settings.compile_mode or None,
         compile_vae=settings.compile_vae, compile_dynamic=settings.compile_dynamic,
-    ))
+    )
+    if settings.parallel != "off":
+        from models.parallel import GroupConfig, ParallelEngine
+
+        return ParallelEngine(config, GroupConfig(
+            mode=settings.parallel, world_size=settings.parallel_world_size, backend=settings.parallel_backend,
+            timeout_s=settings.parallel_timeout_s, overlap=settings.parallel_overlap, log_level=settings.log_level))
+    return FluxEngine(config)
 
 
 def _queue_factory(precision: str):

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from api.errors import (ApiError, Cancelled, Draining, GenerationFailed, NotReady, OutOfMemory, QueueFull,
-                        Timeout)
+from api.errors import (ApiError, Cancelled, Draining, GenerationFailed, InvalidRequest, NotReady, OutOfMemory,
+                        QueueFull, Timeout)
 from api.storage import ImageStore
 from models.flux import EngineOutOfMemory, GenerationInterrupted, ImageSpec
 
@@ -201,6 +201,13 @@ class QueueManager:
             self._reject("queue_full")
             raise QueueFull(f"the queue is full ({self.max_queue_size} waiting); retry later",
                             retry_after=self.estimated_wait_s())
+        check = getattr(self.engine, "check_spec", None)  # what only this engine refuses (models/parallel.py)
+        if check is not None:
+            try:
+                check(spec)
+            except ValueError as exc:
+                self._reject("invalid")
+                raise InvalidRequest(str(exc), field=getattr(exc, "field", None)) from None
         job = Job(id=self.new_job_id(), spec=spec, deadline=time.monotonic() + timeout_s, request_id=request_id,
                   idempotency_key=idempotency_key, output_format=output_format, output_quality=output_quality)
         self.jobs[job.id] = job
@@ -380,8 +387,9 @@ class QueueManager:
         else:
             error = GenerationFailed("image generation failed")
             log.error("generation failed for batch %s", [j.id for j in batch], exc_info=exc)
-            if "CUDA error" in str(exc) or "CUBLAS_STATUS" in str(exc):
-                # A sticky CUDA error poisons the context: every later call would fail too.
+            if getattr(exc, "fatal", False) or "CUDA error" in str(exc) or "CUBLAS_STATUS" in str(exc):
+                # A sticky CUDA error poisons the context: every later call would fail too (so does a GPU group
+                # that lost step with its followers, models/parallel.py).
                 self.fatal_error = str(exc).splitlines()[0][:200]
         self.consecutive_failures += 1
         self.last_failure = time.monotonic()

@@ -47,6 +47,18 @@ class Settings(BaseSettings):
                               "0.606 vs 0.695 s on H200, +47 s of cold warm-up")
     prompt_cache_size: int = Field(64, ge=0, description="prompt embeddings kept on the device (LRU)")
 
+    # latency mode: one worker renders each image on a group of GPUs (models/parallel.py)
+    parallel: Literal["off", "ulysses", "ring"] = Field("off", description="context parallelism across the "
+                                                         "worker's GPUs (diffusers' Ulysses or ring attention)")
+    gpus_per_worker: int | None = Field(None, ge=1, le=64, description="GPUs of this worker's group; default: "
+                                        "the number CUDA_VISIBLE_DEVICES lists (1 when it lists none)")
+    parallel_backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="torch.distributed backend; "
+                                                               "auto: nccl (gloo only for CPU tests)")
+    parallel_overlap: bool = Field(False, description="let the compiler move the group's all-to-alls to overlap "
+                                   "computation (inductor reorder_for_compute_comm_overlap; compiled GPUs only)")
+    parallel_timeout_s: float = Field(300.0, gt=0, description="longest wait in one collective before the "
+                                      "group gives up (a last resort: a dead rank is seen within a second)")
+
     # network
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -108,6 +120,11 @@ class Settings(BaseSettings):
             sizes.append((int(w), int(h or w)))
         return sizes
 
+    @property
+    def parallel_world_size(self) -> int:
+        """Processes (GPUs) that render one image: 1 unless FLUX_PARALLEL is on."""
+        return 1 if self.parallel == "off" else (self.gpus_per_worker or 1)
+
     def api_key_set(self) -> frozenset[str]:
         keys = {k.strip() for k in self.api_keys.split(",") if k.strip()}
         if self.api_key_file:
@@ -128,4 +145,7 @@ def load_settings(precision: Precision, environ: dict[str, str] | None = None) -
         first = env.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
         if first.isdigit():
             overrides["gpu_index"] = int(first)
+    if env.get("FLUX_GPUS_PER_WORKER") is None:
+        visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        overrides["gpus_per_worker"] = max(1, len(visible))
     return Settings(**overrides)

@@ -86,10 +86,11 @@ class EngineInfo:
 def resolve_device(preference: str) -> torch.device:
     if preference == "cpu":
         return torch.device("cpu")
-    if preference == "cuda":
+    if preference == "cuda" or preference.startswith("cuda:"):
         if not torch.cuda.is_available():
             raise RuntimeError("FLUX_DEVICE=cuda but no CUDA device is visible (check CUDA_VISIBLE_DEVICES)")
-        return torch.device("cuda", 0)
+        # "cuda:N": one rank of a GPU group (models/parallel.py); a worker alone uses its first visible GPU
+        return torch.device(preference if ":" in preference else "cuda:0")
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
@@ -206,6 +207,7 @@ class FluxEngine:
         elif custom_attention:
             notes.append(f"attention backend {cfg.attention_backend} ignored on CPU")
         pipe.set_progress_bar_config(disable=True)
+        self._before_compile(pipe, device, notes)
         compiled = False
         if cfg.compile:
             if device.type == "cuda":
@@ -224,6 +226,9 @@ class FluxEngine:
         log.info("loaded %s (%s, %s) on %s in %.1f s", cfg.model, precision, self.info.dtype, name,
                  time.perf_counter() - started)
         return self.info
+
+    def _before_compile(self, pipe, device: torch.device, notes: list[str]) -> None:
+        """Where a subclass changes the pipeline before its blocks are compiled (models/parallel.py)."""
 
     @staticmethod
     def _load_pretrained(model: str, device: torch.device, dtype: torch.dtype, quantize):

@@ -18,6 +18,7 @@ As a program (start_multi_gpu.sh):
         [--out FILE [--workers-json-out FILE]]
     render_nginx.py listen-port FILE     # prints the port of FILE's first `listen` (for -c checks)
     render_nginx.py json-get KEY...      # reads JSON on stdin, prints each KEY's value on its own line
+                                         # (a dotted KEY such as progress.phase reads into objects)
 
 API keys for the rate-limit map come from FLUX_API_KEYS (comma-separated) and FLUX_API_KEY_FILE (one per line),
 as the worker reads them. A config that holds keys is written with mode 0600.
@@ -269,7 +270,9 @@ def _json_get(keys: list[str]) -> int:
     except ValueError:
         doc = {}
     for key in keys:
-        value = doc.get(key) if isinstance(doc, dict) else None
+        value = doc
+        for part in key.split("."):  # a dotted KEY reads into objects: progress.phase
+            value = value.get(part) if isinstance(value, dict) else None
         if value is None or isinstance(value, (dict, list)):
             print("")
         elif isinstance(value, bool):
