@@ -59,8 +59,11 @@ class S3ImageStore:
 
     @staticmethod
     def _make_client(endpoint_url: str | None, region: str | None, addressing_style: str):
-        import boto3  # optional dependency: only a worker with FLUX_STORAGE_URL=s3://... needs it
-        from botocore.config import Config
+        try:  # optional dependency: only a worker with FLUX_STORAGE_URL=s3://... needs it
+            import boto3
+            from botocore.config import Config
+        except ImportError:
+            raise RuntimeError("FLUX_STORAGE_URL=s3://... needs boto3: pip install boto3") from None
 
         if addressing_style == "auto" and endpoint_url:
             addressing_style = "path"  # MinIO and most self-hosted stores have no per-bucket DNS names

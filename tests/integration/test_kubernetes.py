@@ -216,6 +216,24 @@ def test_gateway_configs_pass_nginx_t(conf, tmp_path):
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.skipif(shutil.which("nginx") is None and not os.path.exists("/usr/sbin/nginx"),
+                    reason="nginx is not installed")
+@pytest.mark.parametrize("conf", ["gateway/nginx.conf", "overlays/bf16/nginx.conf", "overlays/mixed/nginx.conf"])
+def test_gateway_configs_pass_nginx_t_of_an_older_nginx_without_resolve(conf, tmp_path):
+    """The rest of the syntax on whatever nginx is installed: the pod names become 127.0.0.1 (unresolvable
+    here) and "resolve", which nginx before 1.27.3 does not know, goes."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    text = (K8S / conf).read_text()
+    text = re.sub(r"\n\s*resolver(_timeout)? [^;]*;", "", text)
+    text = re.sub(r"[\w.-]+\.svc\.cluster\.local", "127.0.0.1", text)
+    text = re.sub(r" resolve(?=[ ;])", "", text)
+    text = text.replace("pid /tmp/nginx.pid;", f"pid {tmp_path}/nginx.pid;")
+    (tmp_path / "nginx.conf").write_text(text)
+    result = subprocess.run([nginx, "-t", "-p", f"{tmp_path}/", "-c", str(tmp_path / "nginx.conf")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 def test_render_gateway_lists_the_workers_of_an_overlay():
     script = K8S / "render-gateway.sh"
     out = subprocess.run([str(script), "--workers", "mixed", "flux-prod"], capture_output=True, text=True,
