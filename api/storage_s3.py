@@ -16,14 +16,13 @@ Chosen with FLUX_STORAGE_URL=s3://bucket/prefix (see api/image_stores.py). Names
 from __future__ import annotations
 
 import concurrent.futures
-import io
 import logging
 import threading
 import time
 from urllib.parse import quote
 
 from api.errors import StorageUnavailable
-from api.storage import DEFAULT_QUALITY, MEDIA_TYPE, NAME_RE, ImageStore
+from api.storage import MEDIA_TYPE, NAME_RE, ImageStore
 
 log = logging.getLogger(__name__)
 
@@ -101,20 +100,9 @@ class S3ImageStore:
         return StorageUnavailable("the image store is unavailable; try again shortly", retry_after=5)
 
     # ---- the interface ---------------------------------------------------------------------------
-    def save(self, image, output_format: str = "png", quality: int | None = None) -> str:
-        """Encode and upload; returns the name once the object exists. Runs in the queue's I/O pool."""
-        name = self.new_name(output_format)
-        buf = io.BytesIO()
-        if output_format == "png":
-            image.save(buf, format="PNG", compress_level=self.compress_level)
-        elif output_format == "jpeg":
-            image.convert("RGB").save(buf, format="JPEG", quality=quality or DEFAULT_QUALITY)
-        elif output_format == "webp":
-            image.save(buf, format="WEBP", quality=quality or DEFAULT_QUALITY, method=0)
-        else:
-            raise ValueError(f"unknown output format {output_format!r}")
-        self.write_bytes(name, buf.getvalue())
-        return name
+    # The same encoding as on disk (formats, quality, zlib level, names): ImageStore.save needs only
+    # new_name, compress_level and write_bytes, and write_bytes here is the upload. Runs in the queue's I/O pool.
+    save = ImageStore.save
 
     def write_bytes(self, name: str, data: bytes) -> None:
         if not NAME_RE.fullmatch(name):
