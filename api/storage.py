@@ -25,6 +25,8 @@ DEFAULT_QUALITY = 90
 
 
 class ImageStore:
+    remote = False  # files served from this machine (S3ImageStore: remote, served by redirect)
+
     def __init__(self, root: str | os.PathLike, compress_level: int = 1):
         self.root = Path(root).resolve()
         # zlib level 1: several times faster than PIL's default 6 on real images, a little larger files;
@@ -41,6 +43,16 @@ class ImageStore:
     @staticmethod
     def media_type(name: str) -> str:
         return MEDIA_TYPE[name.rsplit(".", 1)[-1]]
+
+    def url_for(self, name: str, base_url: str) -> str:
+        return f"{base_url}/images/{name}"
+
+    def read_bytes(self, name: str) -> bytes | None:
+        path = self.path_for(name)
+        try:
+            return path.read_bytes() if path is not None else None
+        except FileNotFoundError:  # swept between the lookup and the read
+            return None
 
     def path_for(self, name: str) -> Path | None:
         if not NAME_RE.fullmatch(name):
@@ -104,3 +116,6 @@ class ImageStore:
             except OSError:
                 continue
         return removed
+
+
+LocalImageStore = ImageStore  # the default store; api/storage_s3.py has the S3 one
