@@ -24,5 +24,5 @@ def make_image_store(settings: Settings):
         return S3ImageStore(settings.storage_url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region,
                             addressing_style=settings.s3_addressing_style, url_ttl_s=settings.image_url_ttl_s,
                             public_base_url=settings.s3_public_base_url,
-                            compress_level=settings.png_compress_level)
-    return LocalImageStore(settings.output_dir, settings.png_compress_level)
+                            compress_level=settings.png_compress_level, name_prefix=settings.job_prefix)
+    return LocalImageStore(settings.output_dir, settings.png_compress_level, name_prefix=settings.job_prefix)

@@ -1,6 +1,7 @@
 """ImageStore: server-made names, atomic writes, retention.
 
-Names are 32 hex digits + ".png", ".jpg" or ".webp", made here; a lookup accepts nothing else, so no client
+Names are the worker's id (its job prefix), "-", 32 hex digits and ".png", ".jpg" or ".webp", made here (the
+prefix lets a proxy send GET /images/{name} to the worker that owns the image, on whichever host); a lookup accepts nothing else, so no client
 string ever reaches the file system. A file appears under its final name only once complete (temp file + rename in
 the same folder), so a crash or a full disk never leaves half an image to serve.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 from api.errors import StorageError, StorageFull
 
 log = logging.getLogger(__name__)
-NAME_RE = re.compile(r"^[0-9a-f]{32}\.(png|jpg|webp)$")
+NAME_RE = re.compile(r"^(?:[A-Za-z0-9_]{1,64}-)?[0-9a-f]{32}\.(png|jpg|webp)$")
 SUFFIX = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 MEDIA_TYPE = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
 DEFAULT_QUALITY = 90
@@ -27,8 +28,9 @@ DEFAULT_QUALITY = 90
 class ImageStore:
     remote = False  # files served from this machine (S3ImageStore: remote, served by redirect)
 
-    def __init__(self, root: str | os.PathLike, compress_level: int = 1):
+    def __init__(self, root: str | os.PathLike, compress_level: int = 1, name_prefix: str = ""):
         self.root = Path(root).resolve()
+        self.name_prefix = name_prefix
         # zlib level 1: several times faster than PIL's default 6 on real images, a little larger files;
         # the client waits for this encode, so it is on every request's critical path
         self.compress_level = compress_level
@@ -37,8 +39,9 @@ class ImageStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
-    def new_name(output_format: str = "png") -> str:
-        return f"{uuid.uuid4().hex}.{SUFFIX[output_format]}"
+    def new_name(output_format: str = "png", name_prefix: str = "") -> str:
+        name = f"{uuid.uuid4().hex}.{SUFFIX[output_format]}"
+        return f"{name_prefix}-{name}" if name_prefix else name
 
     @staticmethod
     def media_type(name: str) -> str:
@@ -63,7 +66,7 @@ class ImageStore:
     def save(self, image, output_format: str = "png", quality: int | None = None) -> str:
         """Encode a PIL image (png, jpeg or webp) and publish it atomically; returns its name. Runs off the GPU
         thread. On a 1024² image jpeg takes a few ms against ~100 ms for png at zlib level 1."""
-        name = self.new_name(output_format)
+        name = self.new_name(output_format, self.name_prefix)
         buf = io.BytesIO()
         if output_format == "png":
             image.save(buf, format="PNG", compress_level=self.compress_level)

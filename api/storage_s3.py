@@ -43,8 +43,9 @@ class S3ImageStore:
 
     def __init__(self, url: str, *, endpoint_url: str | None = None, region: str | None = None,
                  addressing_style: str = "auto", url_ttl_s: int = 3600, public_base_url: str | None = None,
-                 compress_level: int = 1, client=None):
+                 compress_level: int = 1, name_prefix: str = "", client=None):
         self.bucket, self.prefix = parse_s3_url(url)
+        self.name_prefix = name_prefix  # of image names (the worker's id), not of keys
         self.url_ttl_s = int(url_ttl_s)
         self.public_base_url = public_base_url.rstrip("/") if public_base_url else None
         self.compress_level = compress_level
