@@ -3,24 +3,31 @@
 #
 #   deploy/kubernetes/render-gateway.sh OVERLAY [NAMESPACE]     e.g. mixed, or mixed flux-prod
 #   deploy/kubernetes/render-gateway.sh --workers OVERLAY [NS]  only print the workers (JSON)
+#   deploy/kubernetes/render-gateway.sh --print OVERLAY [NS]    print the config instead of replacing it
 #
 # The workers (stable pod DNS names, port, precision, worker id) come from `kubectl kustomize` of the
 # overlay, so replicas, set names and the namespace are edited in one place, the manifests; the config
-# comes from the project's renderer, scripts/render_nginx.py (--workers-file, --listen 8080). The result
-# replaces the overlay's nginx.conf (or the base's gateway/nginx.conf for overlays without one); commit
-# it, and `kubectl apply -k` rolls the gateway (the ConfigMap's name carries a hash of its content).
+# comes from the project's renderer, scripts/render_nginx.py, the one that renders the single-host and the
+# fleet configs (--workers-file, --listen 8080, the cluster DNS as --resolver so pod names are re-resolved,
+# pid and temp files in /tmp). The result replaces the overlay's nginx.conf (or the base's gateway/nginx.conf
+# for overlays without one); commit it, and `kubectl apply -k` rolls the gateway (the ConfigMap's name carries
+# a hash of its content). FLUX_RATE_LIMIT=10r/s adds the per-address rate limit (API keys never go into a
+# ConfigMap); RESOLVER overrides the cluster DNS name.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 
-workers_only=0
+workers_only=0 print_only=0
 if [[ "${1:-}" == "--workers" ]]; then
     workers_only=1
     shift
+elif [[ "${1:-}" == "--print" ]]; then
+    print_only=1
+    shift
 fi
 if [[ $# -lt 1 || $# -gt 2 || "$1" == -* ]]; then
-    sed -n '2,11p' "${BASH_SOURCE[0]}" >&2
+    sed -n '2,15p' "${BASH_SOURCE[0]}" >&2
     exit 2
 fi
 overlay="$1"
@@ -52,7 +59,15 @@ if ((workers_only)); then
 fi
 
 if [[ -f "$dir/nginx.conf" ]]; then target="$dir/nginx.conf"; else target="$here/gateway/nginx.conf"; fi
-(cd "$root" && "$python" scripts/render_nginx.py --workers-file "$tmp/workers.json" --listen 8080) > "$tmp/nginx.conf"
+render_args=(--workers-file "$tmp/workers.json" --listen 8080 --no-api-keys --headers-more off
+    --resolver "${RESOLVER:-kube-dns.kube-system.svc.cluster.local valid=10s ipv6=off}"
+    --pid /tmp/nginx.pid --temp-dir /tmp --workers-json /tmp/workers.json)
+[[ -z "${FLUX_RATE_LIMIT:-}" ]] || render_args+=(--rate "$FLUX_RATE_LIMIT")
+(cd "$root" && "$python" scripts/render_nginx.py "${render_args[@]}" --out "$tmp/nginx.conf")
 [[ -s "$tmp/nginx.conf" ]] || { echo "the renderer wrote nothing" >&2; exit 1; }
+if ((print_only)); then
+    cat "$tmp/nginx.conf"
+    exit 0
+fi
 mv "$tmp/nginx.conf" "$target"
 echo "wrote $target for $(grep -c '"host"' "$tmp/workers.json") workers" >&2

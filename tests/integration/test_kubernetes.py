@@ -185,15 +185,20 @@ def test_the_gateway_config_names_exactly_the_worker_pods(rendered):
     conf = config_map["data"]["nginx.conf"]
     hosts = set(re.findall(r"server ([\w.-]+\.svc\.cluster\.local):(\d+) resolve", conf))
     assert hosts == {(w["host"], str(w["port"])) for w in workers}, overlay
-    job_routes = dict(re.findall(r"~\^/jobs/(\w+)- (\w+);", conf))
-    assert job_routes == {w["id"]: w["id"] for w in workers}
+    # job ids and image names start with their worker's id: each id routes to exactly that worker's upstream
+    job_routes = dict(re.findall(r'"~\^/\(jobs\|images\|workers\)/(\w+)\[-/\]" (\w+);', conf))
+    assert job_routes == {w["id"]: "flux_worker_" + w["id"] for w in workers}
     for w in workers:  # each job route's upstream is that worker's pod
-        block = re.search(r"upstream " + w["id"] + r" \{(.*?)\}", conf, re.S).group(1)
+        block = re.search(r"upstream flux_worker_" + w["id"] + r" \{(.*?)\}", conf, re.S).group(1)
         assert f"server {w['host']}:{w['port']} resolve;" in block
     listen = int(re.search(r"listen (\d+);", conf).group(1))
     assert pod["containers"][0]["ports"][0]["containerPort"] == listen
+    probes = [c[k]["httpGet"]["path"] for c in pod["containers"] for k in ("readinessProbe", "livenessProbe")]
+    assert all(f"location = {path} " in conf for path in probes), probes  # the gateway answers its probes
+    assert "resolver kube-dns.kube-system.svc.cluster.local" in conf and "pid /tmp/nginx.pid;" in conf
     precisions = {w["precision"] for w in workers}
-    quality = re.search(r"upstream flux_quality_backend \{(.*?)\}", conf, re.S).group(1)
+    pool = re.search(r"location = /generate/quality \{\s*proxy_pass http://\$(\w+)_pick/generate;", conf).group(1)
+    quality = re.search(r"upstream " + pool + r" \{(.*?)\}", conf, re.S).group(1)
     if "bf16" in precisions:
         assert all(w["host"] in quality for w in workers if w["precision"] == "bf16")
         assert not any(w["host"] in quality for w in workers if w["precision"] != "bf16")
@@ -252,6 +257,17 @@ def test_render_gateway_lists_the_workers_of_an_overlay():
         ("bf16", "flux_worker_bf16_0", 8000), ("bf16", "flux_worker_bf16_1", 8000)]
     bad = subprocess.run([str(script), "no-such-overlay"], capture_output=True, text=True)
     assert bad.returncode == 2 and "no overlay" in bad.stderr
+
+
+@pytest.mark.parametrize(("overlay", "conf"), [("base", "gateway/nginx.conf"), ("bf16", "overlays/bf16/nginx.conf"),
+                                               ("mixed", "overlays/mixed/nginx.conf")])
+def test_the_committed_gateway_configs_are_the_renderers_output(overlay, conf):
+    """render-gateway.sh drives the real renderer (scripts/render_nginx.py) and reproduces each committed config."""
+    result = subprocess.run([str(K8S / "render-gateway.sh"), "--print", overlay], capture_output=True, text=True,
+                            env={**os.environ, "KUBECTL": kubectl()}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (K8S / conf).read_text()
+    assert "Rendered by scripts/render_nginx.py" in result.stdout
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
