@@ -90,6 +90,7 @@ async def root(rt: Runtime = Depends(get_runtime)):
         "device": info.device_name if info else None,
         "gpu": rt.settings.gpu_index,
         "port": rt.settings.port,
+        "worker_id": rt.settings.job_prefix,  # the prefix of its job ids and image names (proxy routing)
         "state": rt.state,
         "compiled": info.compiled if info else None,
         "default_steps": info.default_steps if info else None,
