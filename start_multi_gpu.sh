@@ -573,7 +573,7 @@ cmd_status() {
     fi
     [[ "${CPU_MODE:-0}" == 1 ]] && banner "CPU demo"
     print_table || rc=1
-    port="$(record_get "$(nginx_record)" PORT)"
+    port="$(record_get "$(nginx_record)" PORT || true)"
     if live_pid "$(nginx_pidfile)" "$(nginx_marker)" >/dev/null; then
         info "nginx: up on port ${port:-$NGINX_PORT}"
     elif [[ "$WORKERS_ONLY" == 1 ]]; then
