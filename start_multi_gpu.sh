@@ -209,9 +209,18 @@ wait_for_workers() {
 worker_args() {
     local -a modes
     local i
+    local host port
     if [[ -n "$FLEET_FILE" ]]; then fleet_worker_args; return; fi
     read -r -a modes <<<"$MODES"
-    for ((i = 0; i < NUM_GPUS; i++)); do printf -- '--worker\n%s:%s\n' "$(worker_port "$i")" "${modes[$i]}"; done
+    host="$(probe_host)"
+    for ((i = 0; i < NUM_GPUS; i++)); do
+        port="$(worker_port "$i")"
+        if [[ "$host" == 127.0.0.1 ]]; then
+            printf -- '--worker\n%s:%s\n' "$port" "${modes[$i]}"
+        else  # workers bound to another address, with the ids they were given there
+            printf -- '--worker\n%s:%s:%s:%s\n' "$host" "$port" "${modes[$i]}" "$(worker_id_for "$port")"
+        fi
+    done
 }
 
 nginx_listen() { if [[ -n "${NGINX_ADDR:-}" ]]; then echo "$NGINX_ADDR:$NGINX_PORT"; else echo "$NGINX_PORT"; fi; }

@@ -251,7 +251,13 @@ def write_outputs(workers: list[Worker], opts: Options, out: Path, workers_json_
 
 
 def parse_worker(spec: str) -> Worker:
-    """port:precision (this host) or host:port:precision[:id]."""
+    """port:precision (this host) or host:port:precision[:id]; an IPv6 host in brackets: [fd00::1]:8000:fp4."""
+    m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:([^:]*):([^:]*)(?::([^:]*))?$", spec)
+    if m:
+        try:
+            return Worker(m.group(1), int(m.group(2)), m.group(3), m.group(4) or "")
+        except ValueError as exc:
+            raise RenderError(f"worker {spec!r}: {exc}") from exc
     parts = spec.split(":")
     try:
         if len(parts) == 2:

@@ -57,6 +57,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _accepts(address: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((address, port)) == 0
+
+
 def _loopback_alias_works() -> bool:
     import socket
 
@@ -209,6 +217,20 @@ def test_gateway_refuses_a_bad_inventory_before_starting_anything(tmp_path):
     assert missing.returncode != 0 and "not found" in missing.stderr
 
 
+@pytest.mark.parametrize(("host", "server", "wid"), [("10.0.0.5", "10.0.0.5:8000", "h10_0_0_5_8000"),
+                                                     ("fd00::1", "[fd00::1]:8000", "hfd00__1_8000"),
+                                                     ("0.0.0.0", "127.0.0.1:8000", "8000")])
+def test_one_host_with_workers_on_another_address_routes_to_them_by_their_ids(host, server, wid):
+    """Without --workers-only too: nginx reaches the workers where they bind, and routes the ids they make."""
+    env = {**os.environ, "NUM_GPUS": "1", "BASE_PORT": "8000", "NGINX_PORT": "8080", "FLUX_DEVICE": "cpu",
+           "FLUX_HOST": host}
+    result = subprocess.run([str(START), "nginx-conf"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert f"server {server} max_fails=3 fail_timeout=30s;  # worker {wid} fp4" in result.stdout
+    assert f'"~^/(jobs|images|workers)/{wid}[-/]" flux_worker_{wid};' in result.stdout
+
+
 def test_workers_only_needs_a_host_address(tmp_path):
     env = {**os.environ, "FLUX_HOST": "0.0.0.0", "FLUX_DEVICE": "cpu", "FLUX_RUN_DIR": str(tmp_path / "run"),
            "BASE_PORT": str(free_port_block(1)), "NUM_GPUS": "1", "NO_COLOR": "1"}
@@ -351,6 +373,10 @@ def test_a_host_killed_under_load_costs_only_its_in_flight_requests(fleet):
             time.sleep(0.05)
         pid = dead.pid()
         os.kill(pid, signal.SIGKILL)  # the whole host: its only worker
+        # kill() returns before the process is gone: until its sockets close, the host still takes
+        # requests (and then drops them). Dead is when it refuses connections.
+        while time.monotonic() < deadline and _accepts(dead.address, dead.port):
+            time.sleep(0.005)
         killed_at = time.monotonic()
         time.sleep(4)
         stop.set()
@@ -372,6 +398,7 @@ def test_the_host_rejoins_once_started_again(fleet):
     dead = fleet.hosts[1]
     result = dead.start()
     assert result.returncode == 0, result.stdout + result.stderr
+    ready_at = time.monotonic()
     deadline = time.monotonic() + FAIL_TIMEOUT_S * 4 + 10
     owners: list[str] = []
     while time.monotonic() < deadline:
@@ -383,6 +410,7 @@ def test_the_host_rejoins_once_started_again(fleet):
             break
         time.sleep(0.5)
     assert dead.address in owners, f"{dead.address} never served again: {owners}"
+    print(f"\nrejoined: served again {time.monotonic() - ready_at:.1f}s after its start returned (ready)")
     assert fleet.run(START, "status", "-f", str(fleet.inventory)).returncode == 0
 
 
