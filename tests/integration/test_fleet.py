@@ -239,6 +239,19 @@ def test_workers_only_needs_a_host_address(tmp_path):
     assert result.returncode != 0 and "set FLUX_HOST to this host's address" in result.stderr
 
 
+def test_systemd_entry_points_on_a_fleet_host(tmp_path):
+    """FLUX_WORKERS_ONLY=1 (/etc/default/flux-api): flux-nginx.service's `nginx` exits 0 starting nothing, and
+    flux-worker@N's `worker N` refuses a wildcard FLUX_HOST (its id would name no host)."""
+    env = {**os.environ, "FLUX_WORKERS_ONLY": "1", "FLUX_DEVICE": "cpu", "FLUX_RUN_DIR": str(tmp_path / "run"),
+           "NGINX_PORT": str(free_port_block(1)), "NO_COLOR": "1"}
+    nginx = subprocess.run([str(START), "nginx"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert nginx.returncode == 0 and "workers only" in nginx.stdout, nginx.stdout + nginx.stderr
+    assert not (tmp_path / "run" / "nginx.pid").exists()
+    worker = subprocess.run([str(START), "worker", "0"], cwd=ROOT, env={**env, "FLUX_HOST": "0.0.0.0"},
+                            capture_output=True, text=True, timeout=30)
+    assert worker.returncode != 0 and "set FLUX_HOST" in worker.stderr
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the running fleet (in file order: the destructive tests come last)
 # ---------------------------------------------------------------------------------------------------------------
