@@ -202,6 +202,27 @@ def test_bad_inventories_are_refused_naming_the_line(text, message):
     assert message in str(caught.value), str(caught.value)
 
 
+def test_the_renderer_takes_a_workers_file_and_the_passive_health_knobs(tmp_path):
+    from scripts.render_nginx import Options, RenderError, read_workers_file, render
+
+    wf = tmp_path / "workers.json"
+    wf.write_text(json.dumps([{"host": "10.0.0.5", "port": 8000, "precision": "fp4", "id": "h10_0_0_5_8000"},
+                              {"host": "fd00::1", "port": 8001, "precision": "bf16", "id": "hfd00__1_8001"}]))
+    workers = read_workers_file(str(wf))
+    text = render(workers, Options(max_fails=2, fail_timeout="5s"))
+    assert "server 10.0.0.5:8000 max_fails=2 fail_timeout=5s;" in text
+    assert "server [fd00::1]:8001 max_fails=2 fail_timeout=5s;" in text
+    assert "location = /generate/quality {\n            proxy_pass http://$flux_bf16_backend_pick/generate;" in text
+    for bad in ([{"host": "10.0.0.5", "port": 8000}], {"host": "x"}, [{"host": "a b", "port": 1, "precision": "fp4"}]):
+        wf.write_text(json.dumps(bad))
+        with pytest.raises(RenderError):
+            read_workers_file(str(wf))
+    for opts in (Options(fail_timeout="0s"), Options(fail_timeout="30s;"), Options(max_fails=-1),
+                 Options(resolver="8.8.8.8; include /etc/passwd")):
+        with pytest.raises(RenderError):
+            render(workers, opts)
+
+
 def test_gateway_refuses_a_bad_inventory_before_starting_anything(tmp_path):
     bad = tmp_path / "fleet.conf"
     bad.write_text("10.0.0.5 8000 2\n10.0.0.6 8000 two\n")
