@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Live view of the FLUX workers started by start_multi_gpu.sh: GPUs, queues, health, nginx.
 #
-# Usage: ./monitor_multi_gpu.sh [--once] [--errors] [--interval SECONDS]
+# Usage: ./monitor_multi_gpu.sh [--once] [--errors] [--interval SECONDS] [-f FLEET]
 #   (none)         refresh every 2 s until Ctrl-C
 #   --once         print once; exit 1 when any worker is not ready or nginx is down (cron, CI)
 #   --errors       also show the last error lines of every worker log, from its current run (since the
 #                  worker last started)
 #   --all-errors   --errors, plus earlier runs' errors, each marked [earlier run]
 #   --interval N   seconds between refreshes (default 2)
+#   -f FLEET       the fleet of FLEET's inventory (run where its gateway runs): per host, per worker,
+#                  totals and the gateway (start_multi_gpu.sh status -f FLEET, refreshed)
 #
 # Which workers: the records in run/ written by whichever start_multi_gpu.sh entry point started them
 # (start, or the systemd units' `worker N` / `nginx`); without them, NUM_GPUS workers from BASE_PORT
@@ -64,6 +66,7 @@ resolve_targets() {
     [[ -n "$NGINX_PORT" ]] || NGINX_PORT="$(record_get "$(nginx_record)" PORT 2>/dev/null || true)"
     [[ -n "$NGINX_PORT" ]] || NGINX_PORT="$(state_get NGINX_PORT 2>/dev/null || true)"
     [[ -n "$NGINX_PORT" ]] || NGINX_PORT=80
+    WORKER_HOST="$(state_get HOST 2>/dev/null || true)"
     NGINX_EXPECTED="$(state_get NGINX 2>/dev/null || true)"
     [[ -f "$(nginx_record)" ]] && NGINX_EXPECTED=up
     return 0
@@ -127,7 +130,7 @@ render() {
         state="$(worker_state "$port" | clean)"
         queued="-" running="-" completed="-" failed="-" spi="-"
         if [[ "$state" != down ]]; then
-            http_get "http://127.0.0.1:$port/queue-stats" 2
+            http_get "http://$(probe_host):$port/queue-stats" 2
             stats="$HTTP_BODY"
             mapfile -t fields < <(json_get "$stats" queued running completed failed seconds_per_image images_last_minute)
             queued="$(num_or_dash "${fields[0]:-}")"
@@ -216,8 +219,30 @@ show_errors() {
     done
 }
 
+# The fleet's view: start_multi_gpu.sh's status -f (exit 0 all ready, else 1), once or refreshed.
+monitor_fleet() {
+    local once="$1" interval="$2" rc=0
+    local -a cmd=("$FLUX_PROJECT_DIR/start_multi_gpu.sh" status -f "$FLEET_FILE")
+    ((SHOW_ERRORS == 0)) || warn "--errors: worker logs stay on their hosts (./monitor_multi_gpu.sh --errors there)"
+    if ((once)); then
+        "${cmd[@]}" 2>&1 | clean || rc=$?
+        ((rc == 0)) || exit 1
+        exit 0
+    fi
+    SCREEN_FILE="$(mktemp)"
+    trap 'rm -f "$SCREEN_FILE"; echo; exit 0' INT TERM
+    while :; do
+        "${cmd[@]}" >"$SCREEN_FILE" 2>&1 || true
+        if [[ -t 1 ]]; then printf '\e[H\e[2J'; fi
+        clean <"$SCREEN_FILE"
+        printf '(refreshing every %ss, Ctrl-C to quit)\n' "$interval"
+        sleep "$interval"
+    done
+}
+
 main() {
     local once=0 interval=2
+    FLEET_FILE=""
     SHOW_ERRORS=0 ALL_ERRORS=0
     while (($# > 0)); do
         case "$1" in
@@ -225,11 +250,13 @@ main() {
             --errors) SHOW_ERRORS=1 ;;
             --all-errors) SHOW_ERRORS=1; ALL_ERRORS=1 ;;
             --interval) interval="${2:?--interval needs seconds}"; shift ;;
+            -f | --fleet) FLEET_FILE="${2:?-f needs an inventory file}"; shift ;;
             -h | --help) usage; exit 0 ;;
             *) error "unknown argument '$1'"; usage >&2; exit 2 ;;
         esac
         shift
     done
+    if [[ -n "$FLEET_FILE" ]]; then monitor_fleet "$once" "$interval"; fi
     resolve_targets
     if ((once)); then
         render

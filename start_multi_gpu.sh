@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Start, stop and inspect one FLUX worker per GPU behind an nginx load balancer.
 #
-# Usage: ./start_multi_gpu.sh [start|stop|status|restart|prepare] [-m MODE] [-g GPUS] [-c NGINX_CONF]
+# Usage: ./start_multi_gpu.sh [start|stop|status|restart|prepare] [-m MODE] [-g GPUS] [-c NGINX_CONF] [--workers-only]
+#        ./start_multi_gpu.sh gateway|status|stop|restart -f FLEET   a fleet of hosts behind this nginx
 #        ./start_multi_gpu.sh nginx-conf       print the nginx config for the current settings
 #        ./start_multi_gpu.sh worker N         run worker N in the foreground (systemd template unit)
 #        ./start_multi_gpu.sh nginx            run nginx in the foreground (systemd unit)
@@ -25,6 +26,11 @@
 #                    port per worker. -m then names one precision per worker.
 #   -c FILE          use this nginx config as given instead of rendering one; nginx's port is FILE's
 #                    `listen` port (NGINX_PORT, when set, must agree)
+#   --workers-only   a GPU host of a fleet: workers only, bound to FLUX_HOST (this host's address as the
+#                    fleet's inventory lists it), ids h<FLUX_HOST>_<port>, no nginx (FLUX_WORKERS_ONLY=1 too)
+#   gateway -f FLEET nginx alone, as the entry point of every worker of every host listed in FLEET (one line
+#                    per host: ADDRESS BASE_PORT NUM_WORKERS [MODES]); status/stop/restart -f FLEET show the
+#                    fleet (per host, per worker, totals) and stop/restart the gateway. docs/OPERATIONS.md
 #
 # Environment (every setting can also be edited at the top of this file):
 #   NUM_GPUS            GPUs to use (default: GPUs listed by nvidia-smi; 1 in CPU mode); one worker
@@ -53,6 +59,8 @@
 #   FLUX_RATE_BURST     burst above the rate before 429                               (default 20)
 #   NGINX_MAX_BODY      largest request body                                          (default 1m)
 #   NGINX_READ_TIMEOUT  longest wait for a worker's answer                          (default 600s)
+#   NGINX_MAX_FAILS     gateway: failed attempts that take a worker out of rotation   (default 3)
+#   NGINX_FAIL_TIMEOUT  gateway: ... within this time, and for this long before a retry (default 30s)
 #   Every other FLUX_* variable (FLUX_MAX_CONCURRENT, FLUX_MAX_QUEUE_SIZE, FLUX_API_KEYS, ...) is
 #   passed to the workers unchanged.
 set -euo pipefail
@@ -64,6 +72,8 @@ NGINX_PORT="${NGINX_PORT:-80}"
 
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/scripts/lib.sh"
+# shellcheck source=scripts/fleet.sh
+source "$(dirname "${BASH_SOURCE[0]}")/scripts/fleet.sh"
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 
@@ -143,7 +153,7 @@ worker_env() {
     port="$(worker_port "$i")"
     size=$(($(tr -cd , <<<"$group" | wc -c) + 1))
     WORKER_ENV=(
-        "FLUX_GPU_INDEX=${group%%,*}" "FLUX_GPUS_PER_WORKER=$size" "FLUX_WORKER_ID=$port" "FLUX_PORT=$port" "$(port_env_name "$prec")=$port"
+        "FLUX_GPU_INDEX=${group%%,*}" "FLUX_GPUS_PER_WORKER=$size" "FLUX_WORKER_ID=$(worker_id_for "$port")" "FLUX_PORT=$port" "$(port_env_name "$prec")=$port"
         "FLUX_OUTPUT_DIR=$OUTPUT_DIR" "FLUX_HOST=${FLUX_HOST:-127.0.0.1}" "PYTHONUNBUFFERED=1"
     )
     # a worker of one GPU never joins a group, also when FLUX_PARALLEL is set for the others
@@ -262,8 +272,18 @@ worker_progress() {
 worker_args() {
     local -a modes
     local i
+    local host port
+    if [[ -n "$FLEET_FILE" ]]; then fleet_worker_args; return; fi
     read -r -a modes <<<"$MODES"
-    for ((i = 0; i < NUM_WORKERS; i++)); do printf -- '--worker\n%s:%s\n' "$(worker_port "$i")" "${modes[$i]}"; done
+    host="$(probe_host)"
+    for ((i = 0; i < NUM_WORKERS; i++)); do
+        port="$(worker_port "$i")"
+        if [[ "$host" == 127.0.0.1 ]]; then
+            printf -- '--worker\n%s:%s\n' "$port" "${modes[$i]}"
+        else  # workers bound to another address, with the ids they were given there
+            printf -- '--worker\n%s:%s:%s:%s\n' "$host" "$port" "${modes[$i]}" "$(worker_id_for "$port")"
+        fi
+    done
 }
 
 nginx_listen() { if [[ -n "${NGINX_ADDR:-}" ]]; then echo "$NGINX_ADDR:$NGINX_PORT"; else echo "$NGINX_PORT"; fi; }
@@ -309,6 +329,7 @@ prepare_nginx_conf() {
             images=""
         fi
     fi
+    [[ -z "$FLEET_FILE" ]] || images=""   # a gateway asks each image of its owner (or S3)
     [[ -z "$images" ]] || args+=(--images-dir "$images")
     if [[ -n "$CUSTOM_CONF" ]]; then
         NGINX_CONF_USED="$CUSTOM_CONF"
@@ -411,7 +432,7 @@ print_table() {
         [[ "$i" =~ ^[0-9]+$ && "$port" =~ ^[0-9]+$ ]] || continue
         pid="$(live_pid "$(worker_pidfile "$i")" "$FLUX_PROJECT_DIR/main_")" || pid="-"
         state="$(worker_state "$port")"
-        http_get "http://127.0.0.1:$port/" 2
+        http_get "http://$(probe_host):$port/" 2
         mapfile -t fields < <(json_get "$HTTP_BODY" model precision requested_precision)
         model="${fields[0]:-}"
         prec="${fields[1]:-}"
@@ -462,6 +483,7 @@ cmd_start() {
     done
     [[ -z "$CUSTOM_CONF" || -f "$CUSTOM_CONF" ]] || fatal "nginx config $CUSTOM_CONF not found"
     [[ -z "$CUSTOM_CONF" ]] || custom_conf_port
+    [[ "$WORKERS_ONLY" == 0 ]] || check_workers_only
     resolve_python
 
     if [[ "$CPU_MODE" == 1 ]]; then
@@ -474,6 +496,8 @@ cmd_start() {
     write_state
     state_set GPU_SPEC "$GPU_SPEC"
     state_set NUM_WORKERS "$NUM_WORKERS"   # what monitor_multi_gpu.sh watches (NUM_GPUS counts GPUs)
+    state_set HOST "${FLUX_HOST:-127.0.0.1}"
+    state_set WORKERS_ONLY "$WORKERS_ONLY"
     # Ctrl-C or a TERM while workers load: stop them too, rather than leave them loading with nobody watching.
     trap 'abort_start "interrupted (SIGINT)" 130' INT
     trap 'abort_start "terminated (SIGTERM)" 143' TERM
@@ -483,6 +507,15 @@ cmd_start() {
         abort_start "start failed" 1
     fi
     local rc=0
+    if [[ "$WORKERS_ONLY" == 1 ]]; then
+        state_set NGINX none
+        trap - INT TERM
+        echo
+        print_table || true
+        echo
+        print_inventory_line
+        return 0
+    fi
     start_nginx || rc=$?
     case "$rc" in
         0) state_set NGINX up ;;
@@ -494,6 +527,27 @@ cmd_start() {
     print_table || true
     echo
     print_endpoint
+}
+
+# --workers-only: the workers are reached from the gateway at FLUX_HOST, and their ids name it.
+check_workers_only() {
+    [[ -z "$CUSTOM_CONF" ]] || fatal "--workers-only starts no nginx: -c does not apply"
+    case "${FLUX_HOST:-}" in
+        "" | 0.0.0.0 | :: | "[::]")
+            fatal "--workers-only: set FLUX_HOST to this host's address as the fleet's inventory lists it (e.g. its private address, FLUX_HOST=10.0.0.5): the gateway reaches the workers there and their job ids name it" ;;
+    esac
+}
+
+print_inventory_line() {
+    local -a modes
+    local spec
+    read -r -a modes <<<"$MODES"
+    spec="$(tr ' ' ',' <<<"$MODES")"
+    [[ -n "$(tr ' ' '\n' <<<"$MODES" | sort -u | sed -n 2p)" ]] || spec="${modes[0]}"
+    banner "Workers only (no nginx on this host): ids h<address>_<port>, e.g. $(worker_id_for "$BASE_PORT")"
+    info "the gateway's inventory line for this host:"
+    echo "${FLUX_HOST:-127.0.0.1} $BASE_PORT $NUM_WORKERS $spec"
+    info "worker logs: $LOG_DIR/   status: $0 status   stop: $0 stop"
 }
 
 abort_start() {
@@ -591,6 +645,9 @@ load_state() {
         CPU_MODE="$(state_get CPU_MODE)"
         GPU_SPEC="$(state_get GPU_SPEC)"
         expand_gpu_groups "${GPU_SPEC:-1}" "$NUM_GPUS"
+        WORKER_HOST="$(state_get HOST || true)"
+        v="$(state_get WORKERS_ONLY || true)"
+        [[ "$v" == 1 ]] && WORKERS_ONLY=1
         v="$(state_get NGINX_CONF)"
         [[ -z "$CUSTOM_CONF" ]] && CUSTOM_CONF="$v"
         return 0
@@ -607,9 +664,11 @@ cmd_status() {
     fi
     [[ "${CPU_MODE:-0}" == 1 ]] && banner "CPU demo"
     print_table || rc=1
-    port="$(record_get "$(nginx_record)" PORT)"
+    port="$(record_get "$(nginx_record)" PORT || true)"
     if live_pid "$(nginx_pidfile)" "$(nginx_marker)" >/dev/null; then
         info "nginx: up on port ${port:-$NGINX_PORT}"
+    elif [[ "$WORKERS_ONLY" == 1 ]]; then
+        info "nginx: none on this host (workers only, fronted by the fleet's gateway)"
     else
         warn "nginx: down (direct access only)"
     fi
@@ -631,6 +690,7 @@ cmd_restart() {
             GPU_SPEC="${GPU_SPEC:-1}"
         fi
         [[ -n "$CUSTOM_CONF" ]] || CUSTOM_CONF="$(state_get NGINX_CONF)"
+        [[ "$(state_get WORKERS_ONLY || true)" != 1 ]] || WORKERS_ONLY=1
     fi
     cmd_stop
     cmd_start
@@ -641,6 +701,7 @@ cmd_worker() {
     local i="$1"
     local -a modes
     [[ "$i" =~ ^[0-9]+$ ]] || fatal "usage: $0 worker GPU_INDEX"
+    [[ "$WORKERS_ONLY" == 0 ]] || check_workers_only
     resolve_settings
     if [[ "$GPU_SPEC" == 1 ]]; then
         ((i < NUM_GPUS)) || NUM_GPUS=$((i + 1))
@@ -664,6 +725,10 @@ cmd_worker() {
 
 # systemd unit flux-nginx: nginx in the foreground for the workers NUM_GPUS/BASE_PORT describe.
 cmd_nginx() {
+    if [[ "$WORKERS_ONLY" == 1 ]]; then
+        info "FLUX_WORKERS_ONLY=1: this host runs workers only; the fleet's gateway is their nginx"
+        exit 0
+    fi
     resolve_settings
     have nginx || fatal "nginx is not installed ($(nginx_install_hint))"
     prepare_nginx_conf || exit 1
@@ -690,10 +755,15 @@ main() {
     GPU_SPEC="${FLUX_GPUS_PER_WORKER:-1}"
     GPU_SPEC_GIVEN=0
     CUSTOM_CONF=""
+    FLEET_FILE=""
+    WORKERS_ONLY=0
+    [[ "${FLUX_WORKERS_ONLY:-0}" == 1 ]] && WORKERS_ONLY=1
     NUM_GPUS_ENV="$NUM_GPUS"
     while (($# > 0)); do
         case "$1" in
-            start | stop | status | restart | prepare | nginx | nginx-conf) cmd="$1" ;;
+            start | stop | status | restart | prepare | nginx | nginx-conf | gateway) cmd="$1" ;;
+            --workers-only) WORKERS_ONLY=1 ;;
+            -f | --fleet) FLEET_FILE="${2:?-f needs an inventory file}"; shift ;;
             worker) cmd=worker; arg="${2:-}"; shift || true ;;
             -m | --mode) MODE_SPEC="${2:?-m needs a mode}"; MODE_SPEC_GIVEN=1; shift ;;
             -g | --gpus-per-worker) GPU_SPEC="${2:?-g needs a GPU count}"; GPU_SPEC_GIVEN=1; shift ;;
@@ -705,6 +775,18 @@ main() {
         esac
         shift
     done
+    if [[ -n "$FLEET_FILE" || "$cmd" == gateway ]]; then
+        [[ -n "$FLEET_FILE" ]] || fatal "gateway needs the fleet's inventory: $0 gateway -f fleet.conf"
+        [[ "$WORKERS_ONLY" == 0 ]] || fatal "-f (the gateway) and --workers-only (a GPU host) do not go together"
+        case "$cmd" in
+            gateway) cmd_gateway ;;
+            status) cmd_gateway_status ;;
+            stop) cmd_gateway_stop ;;
+            restart) cmd_gateway_stop; cmd_gateway ;;
+            *) fatal "-f FLEET goes with gateway, status, stop or restart (the workers start on each host: start --workers-only)" ;;
+        esac
+        return
+    fi
     case "$cmd" in
         start) cmd_start ;;
         stop) cmd_stop ;;

@@ -97,6 +97,11 @@ class StorageError(ApiError):
     status, code, retryable = 503, "storage_error", True
 
 
+class StorageUnavailable(ApiError):
+    """The shared object store (S3) did not take or give the image: nothing was stored."""
+    status, code, retryable = 503, "storage_unavailable", True
+
+
 class Timeout(ApiError):
     status, code, retryable = 504, "timeout", True
 

@@ -16,7 +16,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from api.errors import InvalidRequest
+from api.errors import InvalidRequest, StorageError
 from api.http import (ensure_accepting, make_spec, output_options, parse_generate, parse_model, read_json_object,
                       wait_for_job)
 from api.queue import JobStatus
@@ -94,8 +94,9 @@ async def images_generations(request: Request, rt: Runtime = Depends(get_runtime
     out = []
     for job in jobs:
         if oa.response_format == "b64_json":
-            path = rt.store.path_for(job.image_name)
-            raw = await asyncio.to_thread(path.read_bytes)
+            raw = await asyncio.to_thread(rt.store.read_bytes, job.image_name)
+            if raw is None:  # deleted between its upload and this read (retention, an operator)
+                raise StorageError("the image was stored but is gone; try again")
             out.append({"b64_json": base64.b64encode(raw).decode(), "revised_prompt": oa.prompt})
         else:
             out.append({"url": job_response(rt, request, job)["image_url"], "revised_prompt": oa.prompt})

@@ -1,8 +1,10 @@
 """The worker's core routes: /generate, /, /health, /live, /queue-stats, /images/{name}."""
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 
 from api import __version__
 from api.images import image_response
@@ -18,7 +20,8 @@ def job_response(rt: Runtime, request: Request, job: Job) -> dict:
     info = rt.info
     spec = job.spec
     return {
-        "image_url": f"{base_url(request, rt.trusted_proxies, rt.settings.public_url)}/images/{job.image_name}",
+        "image_url": rt.store.url_for(job.image_name,
+                                      base_url(request, rt.trusted_proxies, rt.settings.public_url)),
         "seed": spec.seed,
         "width": spec.width,
         "height": spec.height,
@@ -87,6 +90,7 @@ async def root(rt: Runtime = Depends(get_runtime)):
         "device": info.device_name if info else None,
         "gpu": rt.settings.gpu_index,
         "port": rt.settings.port,
+        "worker_id": rt.settings.job_prefix,  # the prefix of its job ids and image names (proxy routing)
         "state": rt.state,
         "compiled": info.compiled if info else None,
         "default_steps": info.default_steps if info else None,
@@ -105,6 +109,10 @@ async def health(rt: Runtime = Depends(get_runtime)):
         body["reason"] = rt.failure
     if state == "loading":
         body["progress"] = rt.progress()
+    if rt.store.remote:
+        # a shared bucket that is down is not this worker's fault: /health stays as it is (pulling every
+        # worker out of the balancer would turn retryable 503s into 502s) and says so here
+        body["storage"] = "unavailable" if rt.store.last_error else "ok"
     return JSONResponse(body, status_code=200 if state == "ready" else 503)
 
 
@@ -124,4 +132,9 @@ async def queue_stats(rt: Runtime = Depends(get_runtime)):
 
 @router.get("/images/{name}")
 async def image(name: str, rt: Runtime = Depends(get_runtime)):
+    if rt.store.remote:  # S3: a fresh presigned URL (or the public one), checked to exist first
+        url = await asyncio.to_thread(rt.store.redirect_url, name)
+        if url is None:
+            raise NotFound("no such image", field="name")
+        return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
     return image_response(rt.store, name)  # api/images.py: the serving rules and headers

@@ -13,7 +13,7 @@ from fastapi import Request
 from api.http import IdempotencyStore
 from api.metrics import Metrics
 from api.settings import Settings
-from api.storage import ImageStore
+from api.image_stores import make_image_store
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ class Runtime:
     def __init__(self, settings: Settings, engine):
         self.settings = settings
         self.engine = engine
-        self.store = ImageStore(settings.output_dir, settings.png_compress_level)
+        self.store = make_image_store(settings)
         self.queue = None
         self.info = None
         self.failure: str | None = None

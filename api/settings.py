@@ -7,6 +7,7 @@ FP4_API_PORT / BF16_API_PORT / FP8_API_PORT (FLUX_PORT is accepted for any preci
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -90,6 +91,18 @@ class Settings(BaseSettings):
     png_compress_level: int = Field(1, ge=0, le=9, description="zlib level of the PNGs (1: fast, 9: smallest)")
     image_ttl_s: float = Field(86400.0, ge=0, description="age at which generated images are deleted; 0: never")
     job_ttl_s: float = Field(3600.0, gt=0, description="how long finished jobs (and their images) are kept")
+    # shared image storage (api/storage_s3.py): credentials come from boto3's own chain (AWS_* variables,
+    # shared config files, instance or pod roles), never from FLUX_* settings
+    storage_url: str = Field("", description="s3://bucket/prefix stores images in an S3-compatible bucket; "
+                             "empty: the local FLUX_OUTPUT_DIR")
+    s3_endpoint_url: str | None = Field(None, description="endpoint of a non-AWS store (MinIO, Ceph RGW...)")
+    s3_region: str | None = Field(None, description="bucket region; default: boto3's (AWS_DEFAULT_REGION)")
+    s3_addressing_style: Literal["auto", "path", "virtual"] = Field(
+        "auto", description="auto: path-style with FLUX_S3_ENDPOINT_URL, else boto3's choice")
+    s3_public_base_url: str | None = Field(None, description="public bucket or CDN: image_url is this + the key "
+                                           "instead of a presigned URL")
+    image_url_ttl_s: int = Field(3600, ge=1, le=604800, description="validity of presigned image URLs "
+                                 "(S3 allows at most 7 days)")
 
     # request limits and security
     max_body_bytes: int = Field(65536, ge=1024)
@@ -105,6 +118,30 @@ class Settings(BaseSettings):
         if value is not None and not value.replace("_", "").isalnum():
             raise ValueError("FLUX_WORKER_ID may hold letters, digits and underscores only")
         return value
+
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_url_shape(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            return value
+        if not value.startswith("s3://"):
+            raise ValueError("FLUX_STORAGE_URL must be empty (local FLUX_OUTPUT_DIR) or s3://bucket[/prefix]")
+        bucket = value[5:].partition("/")[0]
+        # S3's bucket naming rules: 3-63 lowercase letters, digits, dots and hyphens, a letter/digit at each end
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+            raise ValueError(f"FLUX_STORAGE_URL: {bucket!r} is not a valid bucket name")
+        prefix = value[5 + len(bucket):].strip("/")
+        if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
+            raise ValueError("FLUX_STORAGE_URL: the prefix may not hold empty, '.' or '..' segments")
+        return value
+
+    @field_validator("s3_endpoint_url", "s3_public_base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value.strip()):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.strip() if value else None
 
     @property
     def job_prefix(self) -> str:

@@ -1,9 +1,11 @@
 """ImageStore: server-made names, atomic writes, retention.
 
-Names are 32 hex digits + ".png", ".jpg" or ".webp", made here; a lookup accepts nothing else, so no client
-string ever reaches the file system. What is served is only a regular file under such a name, opened without
-following a symlink (O_NOFOLLOW, then fstat on the open file): a link or folder planted in the output folder
-under a service-made name is "not found", and nothing outside the folder is ever read. A file appears under its final name only once complete (temp file + rename in
+Names are the worker's id (its job prefix), "-", 32 hex digits and ".png", ".jpg" or ".webp", made here (the
+prefix lets a proxy send GET /images/{name} to the worker that owns the image, on whichever host); a lookup
+accepts nothing else, so no client string ever reaches the file system. What is served is only a regular file
+under such a name, opened without following a symlink (O_NOFOLLOW, then fstat on the open file): a link or
+folder planted in the output folder under a service-made name is "not found", and nothing outside the folder is
+ever read. A file appears under its final name only once complete (temp file + rename in
 the same folder), so a crash or a full disk never leaves half an image to serve.
 """
 from __future__ import annotations
@@ -22,15 +24,18 @@ from api.errors import StorageError, StorageFull
 from api.png import encode_png
 
 log = logging.getLogger(__name__)
-NAME_RE = re.compile(r"^[0-9a-f]{32}\.(png|jpg|webp)$")
+NAME_RE = re.compile(r"^(?:[A-Za-z0-9_]{1,64}-)?[0-9a-f]{32}\.(png|jpg|webp)$")
 SUFFIX = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 MEDIA_TYPE = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
 DEFAULT_QUALITY = 90
 
 
 class ImageStore:
-    def __init__(self, root: str | os.PathLike, compress_level: int = 1):
+    remote = False  # files served from this machine (S3ImageStore: remote, served by redirect)
+
+    def __init__(self, root: str | os.PathLike, compress_level: int = 1, name_prefix: str = ""):
         self.root = Path(root).resolve()
+        self.name_prefix = name_prefix
         # zlib level 1: several times faster than PIL's default 6 on real images, a little larger files;
         # the client waits for this encode, so it is on every request's critical path
         self.compress_level = compress_level
@@ -39,12 +44,23 @@ class ImageStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
-    def new_name(output_format: str = "png") -> str:
-        return f"{uuid.uuid4().hex}.{SUFFIX[output_format]}"
+    def new_name(output_format: str = "png", name_prefix: str = "") -> str:
+        name = f"{uuid.uuid4().hex}.{SUFFIX[output_format]}"
+        return f"{name_prefix}-{name}" if name_prefix else name
 
     @staticmethod
     def media_type(name: str) -> str:
         return MEDIA_TYPE[name.rsplit(".", 1)[-1]]
+
+    def url_for(self, name: str, base_url: str) -> str:
+        return f"{base_url}/images/{name}"
+
+    def read_bytes(self, name: str) -> bytes | None:
+        path = self.path_for(name)
+        try:
+            return path.read_bytes() if path is not None else None
+        except FileNotFoundError:  # swept between the lookup and the read
+            return None
 
     def path_for(self, name: str) -> Path | None:
         """The path of a servable image (a regular file, not a link, under a service-made name), else None."""
@@ -81,7 +97,7 @@ class ImageStore:
     def save(self, image, output_format: str = "png", quality: int | None = None) -> str:
         """Encode a PIL image (png, jpeg or webp) and publish it atomically; returns its name. Runs off the GPU
         thread. On a 1024² image jpeg takes a few ms against ~100 ms for png at zlib level 1."""
-        name = self.new_name(output_format)
+        name = self.new_name(output_format, self.name_prefix)
         buf = io.BytesIO()
         if output_format == "png":
             buf.write(encode_png(image, self.compress_level))
@@ -134,3 +150,6 @@ class ImageStore:
             except OSError:
                 continue
         return removed
+
+
+LocalImageStore = ImageStore  # the default store; api/storage_s3.py has the S3 one

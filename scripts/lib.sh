@@ -236,10 +236,38 @@ json_get() {
     python3 "$RENDERER" json-get "$@" <<<"$json" 2>/dev/null || printf '\n%.0s' "$@"
 }
 
+# The address this host's workers are reached on: FLUX_HOST as they bind it (a wildcard: loopback).
+# WORKER_HOST, when set (status/monitor: as recorded at start), wins.
+probe_host() {
+    local host="${WORKER_HOST:-${FLUX_HOST:-127.0.0.1}}"
+    host="${host#[}" host="${host%]}"
+    case "$host" in
+        "" | 0.0.0.0) echo 127.0.0.1 ;;
+        ::) echo "[::1]" ;;
+        *:*) echo "[$host]" ;;
+        *) echo "$host" ;;
+    esac
+}
+
+# A worker's id (FLUX_WORKER_ID: the prefix of its job ids and image names). One host: its port. A worker of a
+# fleet (--workers-only, or FLUX_HOST a specific address other than loopback): h<FLUX_HOST>_<port>, every
+# character other than a letter or digit as "_", the id the gateway derives from the inventory
+# (scripts/fleet.py worker_id), so ids are unique fleet-wide and name their host.
+worker_id_for() {
+    local port="$1" host="${FLUX_HOST:-127.0.0.1}"
+    host="${host#[}" host="${host%]}"
+    if [[ "${WORKERS_ONLY:-0}" == 1 ]] ||
+        [[ "$host" != 127.0.0.1 && "$host" != localhost && "$host" != ::1 && "$host" != 0.0.0.0 && "$host" != :: ]]; then
+        echo "h${host//[^A-Za-z0-9]/_}_$port"
+    else
+        echo "$port"
+    fi
+}
+
 # Worker state from /health: ready | loading | draining | failed | degraded | down.
 worker_state() {
     local state
-    http_get "http://127.0.0.1:$1/health" 2
+    http_get "http://$(probe_host):$1/health" 2
     if [[ "$HTTP_CODE" == 000 ]]; then echo down; return; fi
     state="$(json_get "$HTTP_BODY" status)"
     if [[ "$HTTP_CODE" == 200 ]]; then echo "${state:-ready}"; else echo "${state:-http$HTTP_CODE}"; fi

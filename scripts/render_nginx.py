@@ -15,7 +15,15 @@ As a program (start_multi_gpu.sh):
     render_nginx.py --listen 127.0.0.1:8080 --worker 8000:fp4 --worker 10.0.0.6:8000:bf16:b0 \\
         [--images-dir DIR] [--web-dir DIR] [--workers-json PATH] [--rate 10r/s] [--burst 20] [--max-body 1m] \\
         [--read-timeout 600s] [--user nobody] [--headers-more auto|off|PATH] [--marker TOKEN] \\
-        [--out FILE [--workers-json-out FILE]]
+        [--max-fails 3] [--fail-timeout 30s] [--workers-file FILE] \\
+        [--resolver "ADDR [valid=10s]"] [--pid FILE] [--temp-dir DIR] [--out FILE [--workers-json-out FILE]]
+
+    --workers-file FILE  a JSON list of {"host", "port", "precision", "id"} (deploy/kubernetes/gateway_workers.py
+                         prints one), added to the --worker ones
+    --max-fails N / --fail-timeout T  passive health of the pools: N failed attempts within T take a worker out
+                         of rotation for T, after which nginx tries it again (a host back up rejoins by itself)
+    --resolver R         workers by DNS name, re-resolved while running (`resolve`, nginx >= 1.27.3)
+    --pid / --temp-dir   where the pid file and temp folders go (a read-only prefix: /tmp in a container)
     render_nginx.py listen-port FILE     # prints the port of FILE's first `listen` (for -c checks)
     render_nginx.py json-get KEY...      # reads JSON on stdin, prints each KEY's value on its own line
                                          # (a dotted KEY such as progress.phase reads into objects)
@@ -122,6 +130,11 @@ class Options:
     marker: str = "flux"                 # answered at /nginx-health: proves the nginx on the port is ours
     worker_connections: int = 8192      # per nginx worker process (one per core)
     conn_per_addr: int = 256
+    max_fails: int = 3                   # passive health: failures within fail_timeout that take a worker out
+    fail_timeout: str = "30s"            # ... and for how long before nginx tries it again
+    resolver: str | None = None          # "ADDR [valid=10s] ...": servers re-resolved (`resolve`)
+    pid: str | None = None               # `pid` directive; None: the -g/-p default
+    temp_dir: str | None = None          # folder of nginx's temp paths; None: relative to the prefix
 
 
 def key_id(key: str) -> str:
@@ -172,9 +185,15 @@ def render(workers: list[Worker], opts: Options) -> str:
         raise RenderError(f"read timeout {opts.read_timeout!r}: a time such as 600s")
     if not re.match(r"^[A-Za-z0-9.:\[\]]+$", opts.listen):
         raise RenderError(f"listen {opts.listen!r}: a port or address:port")
+    if not (isinstance(opts.max_fails, int) and 0 <= opts.max_fails <= 100):
+        raise RenderError(f"max_fails {opts.max_fails!r}: a number from 0 (never out of rotation) to 100")
+    if not re.match(r"^[1-9][0-9]*(ms|s|m|h)?$", opts.fail_timeout):
+        raise RenderError(f"fail timeout {opts.fail_timeout!r}: a time such as 30s")
+    if opts.resolver is not None and not re.match(r"^[A-Za-z0-9.:\[\]=_-]+( [A-Za-z0-9.:\[\]=_-]+)*$", opts.resolver):
+        raise RenderError(f"resolver {opts.resolver!r}: addresses and options such as valid=10s, space-separated")
     if not re.match(r"^[A-Za-z0-9_-]{1,64}$", opts.marker):
         raise RenderError(f"marker {opts.marker!r}: letters, digits, - and _ only")
-    for path in (opts.images_dir, opts.web_dir, opts.workers_json, opts.headers_more):
+    for path in (opts.images_dir, opts.web_dir, opts.workers_json, opts.headers_more, opts.pid, opts.temp_dir):
         if path and not re.match(r"^[^\s\"';{}$\\]+$", path):
             raise RenderError(f"path {path!r}: spaces, quotes, $, ; and braces are not allowed in nginx paths")
     keys = []
@@ -206,7 +225,9 @@ def render(workers: list[Worker], opts: Options) -> str:
         workers_inline=workers_inline, rate=opts.rate, limit=limit, max_body=opts.max_body,
         read_timeout=opts.read_timeout, api_keys=keys, user=opts.user, headers_more=opts.headers_more,
         marker=opts.marker, worker_connections=opts.worker_connections, conn_per_addr=opts.conn_per_addr,
-        errors=errors, error_pages=ERROR_PAGES)
+        errors=errors, error_pages=ERROR_PAGES, max_fails=opts.max_fails, fail_timeout=opts.fail_timeout,
+        resolver=opts.resolver, resolve=" resolve" if opts.resolver else "", pid=opts.pid,
+        temp_prefix=(opts.temp_dir.rstrip("/") + "/") if opts.temp_dir else "")
 
 
 def listen_port(listen: str) -> int:
@@ -236,7 +257,13 @@ def write_outputs(workers: list[Worker], opts: Options, out: Path, workers_json_
 
 
 def parse_worker(spec: str) -> Worker:
-    """port:precision (this host) or host:port:precision[:id]."""
+    """port:precision (this host) or host:port:precision[:id]; an IPv6 host in brackets: [fd00::1]:8000:fp4."""
+    m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:([^:]*):([^:]*)(?::([^:]*))?$", spec)
+    if m:
+        try:
+            return Worker(m.group(1), int(m.group(2)), m.group(3), m.group(4) or "")
+        except ValueError as exc:
+            raise RenderError(f"worker {spec!r}: {exc}") from exc
     parts = spec.split(":")
     try:
         if len(parts) == 2:
@@ -246,6 +273,26 @@ def parse_worker(spec: str) -> Worker:
     except ValueError as exc:
         raise RenderError(f"worker {spec!r}: {exc}") from exc
     raise RenderError(f"worker {spec!r}: use port:precision or host:port:precision[:id]")
+
+
+def read_workers_file(path: str) -> list[Worker]:
+    """Workers from a JSON list of {"host", "port", "precision", "id"} (gateway_workers.py's output)."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RenderError(f"workers file {path}: {exc}") from exc
+    if not isinstance(doc, list):
+        raise RenderError(f"workers file {path}: a JSON list of workers expected")
+    workers = []
+    for n, entry in enumerate(doc, 1):
+        if not isinstance(entry, dict) or not {"host", "port", "precision"} <= entry.keys():
+            raise RenderError(f"workers file {path}, entry {n}: needs host, port and precision")
+        try:
+            workers.append(Worker(str(entry["host"]), int(entry["port"]), str(entry["precision"]),
+                                  str(entry.get("id") or "")))
+        except (TypeError, ValueError) as exc:
+            raise RenderError(f"workers file {path}, entry {n}: {exc}") from exc
+    return workers
 
 
 def conf_listen_ports(text: str) -> list[int]:
@@ -307,11 +354,19 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--headers-more", default="off", help="auto, off, or the module's path")
     ap.add_argument("--marker", default="flux")
     ap.add_argument("--no-api-keys", action="store_true", help="ignore FLUX_API_KEYS/FLUX_API_KEY_FILE")
+    ap.add_argument("--workers-file", help="JSON list of workers (host, port, precision, id)")
+    ap.add_argument("--max-fails", type=int, default=3)
+    ap.add_argument("--fail-timeout", default="30s")
+    ap.add_argument("--resolver", help="DNS resolver for workers named by host name (adds `resolve`)")
+    ap.add_argument("--pid")
+    ap.add_argument("--temp-dir")
     ap.add_argument("--out", help="write here (atomically) instead of stdout")
     ap.add_argument("--workers-json-out", help="also write workers.json here")
     args = ap.parse_args(argv)
     try:
         workers = [parse_worker(s) for s in args.worker]
+        if args.workers_file:
+            workers += read_workers_file(args.workers_file)
         headers_more = {"off": None, "auto": find_headers_more()}.get(args.headers_more, args.headers_more)
         if args.burst < 0:
             raise RenderError("burst must be 0 or more")
@@ -319,7 +374,8 @@ def main(argv: list[str]) -> int:
                        workers_json=args.workers_json, rate=args.rate or None, burst=args.burst,
                        max_body=args.max_body, read_timeout=args.read_timeout,
                        api_keys=[] if args.no_api_keys or not args.rate else read_api_keys(),
-                       user=args.user, headers_more=headers_more, marker=args.marker)
+                       user=args.user, headers_more=headers_more, marker=args.marker, max_fails=args.max_fails,
+                       fail_timeout=args.fail_timeout, resolver=args.resolver, pid=args.pid, temp_dir=args.temp_dir)
         if args.out:
             write_outputs(workers, opts, Path(args.out),
                           Path(args.workers_json_out) if args.workers_json_out else None)

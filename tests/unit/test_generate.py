@@ -49,6 +49,8 @@ async def test_generate_returns_the_image_and_its_facts(app_for, precision, tmp_
         name = body["image_url"].rsplit("/", 1)[1]
         stored = tmp_path / "images" / name
         assert stored.read_bytes() == image.content
+        # the image, like the job, names its worker: a proxy routes GET /images/{name} to the owner
+        assert name.startswith("8123-") and body["job_id"].startswith("8123-")
 
 
 async def test_steps_and_guidance_default_to_the_models(app_for):

@@ -36,6 +36,15 @@ def test_save_publishes_a_complete_png_under_a_server_made_name(store):
     assert store.save(picture()) != name  # names are never reused
 
 
+def test_a_named_worker_prefixes_its_image_names_and_finds_them(tmp_path):
+    store = ImageStore(tmp_path / "images", name_prefix="h10_0_0_5_8000")
+    store.ensure()
+    name = store.save(picture())
+    assert name.startswith("h10_0_0_5_8000-") and NAME_RE.fullmatch(name)
+    assert store.path_for(name) == store.root / name
+    assert store.path_for("h10.0.0.5-" + name.split("-", 1)[1]) is None  # only id characters in a prefix
+
+
 def test_the_write_goes_to_a_temp_file_that_is_renamed_into_place(store, monkeypatch):
     renames = []
     real_replace = os.replace
