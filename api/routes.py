@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, RedirectResponse
 
 from api import __version__
+from api.errors import NotFound
 from api.images import image_response
 from api.http import (base_url, ensure_accepting, idempotency_key, job_error, make_spec, output_options,
                       parse_generate, read_json_object, wait_for_job)

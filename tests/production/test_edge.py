@@ -173,7 +173,7 @@ def generate_url(port: int, headers: dict[str, str], version: str = "HTTP/1.1") 
     return resp.json()["image_url"]
 
 
-IMAGE_PATH = re.compile(r"/images/[0-9a-f]{32}\.png")
+IMAGE_PATH = re.compile(r"/images/[A-Za-z0-9_]+-[0-9a-f]{32}\.png")  # the worker id, then the name
 
 
 def test_http10_without_host_gets_a_relative_url_never_the_workers_address(edge):
@@ -192,7 +192,7 @@ def test_a_host_header_that_is_no_host_gets_a_relative_url(edge, host):
 def test_forwarded_headers_from_an_untrusted_peer_are_ignored(edge):
     url = generate_url(edge.port, {"Host": "api.example.com:8080", "X-Forwarded-Host": "evil.example",
                                    "X-Forwarded-Proto": "javascript"})
-    assert re.fullmatch(r"http://api\.example\.com:8080/images/[0-9a-f]{32}\.png", url), url
+    assert re.fullmatch(r"http://api\.example\.com:8080/images/[A-Za-z0-9_]+-[0-9a-f]{32}\.png", url), url
 
 
 def test_forwarded_headers_from_a_trusted_peer_are_checked(worker):
