@@ -164,7 +164,8 @@ class QueueManager:
             log.critical("the queue scheduler died; failing every pending job", exc_info=exc)
             self.fatal_error = f"the queue scheduler stopped: {type(exc).__name__}"
             error = WorkerFailed("the worker failed and is restarting; retry", retry_after=5)
-            for job in list(self._waiting) + list(self._running):
+            # every unfinished job, wherever it was: waiting, on the GPU, or between the GPU and the store
+            for job in [j for j in self.jobs.values() if j.status not in FINAL]:
                 job.cancel_reason = job.cancel_reason or "shutdown"  # a batch on the GPU stops at its next step
                 self._finish(job, JobStatus.failed, error)
             self._waiting.clear()
