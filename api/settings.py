@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     job_ttl_s: float = Field(3600.0, gt=0, description="how long finished jobs (and their images) are kept")
     state_dir: str | None = Field(None, description="folder of this worker's job records (SQLite, one file per "
                                   "worker: jobs-<worker id>.sqlite3), kept across restarts; default: "
-                                  "<output_dir>/../run/state")
+                                  "<output_dir>/../run/jobs")
 
     # request limits and security
     max_body_bytes: int = Field(65536, ge=1024)
@@ -99,7 +99,7 @@ class Settings(BaseSettings):
 
     @property
     def job_store_path(self) -> Path:
-        folder = Path(self.state_dir) if self.state_dir else Path(self.output_dir).resolve().parent / "run" / "state"
+        folder = Path(self.state_dir) if self.state_dir else Path(self.output_dir).resolve().parent / "run" / "jobs"
         return folder / f"jobs-{self.job_prefix}.sqlite3"
 
     @property
