@@ -70,11 +70,25 @@ class JobStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = self._connect()
+        except sqlite3.DatabaseError:  # not a database (a torn copy, another file): keep it aside, start empty
+            aside = self.path.with_name(f"{self.path.name}.unreadable-{int(time.time())}")
+            log.error("job store %s is unreadable; moved to %s, starting with no jobs", self.path, aside)
+            self.path.rename(aside)
+            self.db = self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
         # used from the event loop only; check_same_thread=False because tests run the loop off the main thread
-        self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(SCHEMA)
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        return db
 
     def close(self) -> None:
         try:
@@ -105,24 +119,31 @@ class JobStore:
         self.db.execute("DELETE FROM jobs WHERE finished_wall < ?", (now_wall - ttl_s,))
         jobs = []
         for row in self.db.execute("SELECT * FROM jobs").fetchall():
-            (job_id, owner, idem, request_id, status, detached, spec, output_format, output_quality, image_name,
-             error, created_wall, finished_wall, queue_ms, generate_s) = row
-            job = Job(id=job_id, spec=ImageSpec(*json.loads(spec)), deadline=now, request_id=request_id,
-                      idempotency_key=idem, owner=owner, status=JobStatus(status), detached=bool(detached),
-                      output_format=output_format, output_quality=output_quality, image_name=image_name,
-                      error=error_from_record(error), generate_s=generate_s, created_wall=created_wall)
-            # monotonic times rebuilt from wall-clock ones, so queue_ms and the TTL read as before the restart
-            job.created = now - (now_wall - created_wall)
-            if job.status not in FINAL:
-                job.status, job.finished_wall = JobStatus.failed, now_wall
-                job.error = WorkerRestarted("the worker restarted before this job finished; submit it again",
-                                            retry_after=1)
-                self.record(job)
-            job.finished = now - (now_wall - job.finished_wall)
-            if queue_ms is not None:
-                job.started = job.created + queue_ms / 1000
-            jobs.append(job)
+            try:
+                jobs.append(self._job_from_row(row, now, now_wall))
+            except (ValueError, TypeError, KeyError, json.JSONDecodeError):  # one bad row costs that job only
+                log.exception("skipping an unreadable job record in %s", self.path)
         return jobs, expired_images
+
+    def _job_from_row(self, row, now: float, now_wall: float) -> Job:
+        (job_id, owner, idem, request_id, status, detached, spec, output_format, output_quality, image_name,
+         error, created_wall, finished_wall, queue_ms, generate_s) = row
+        job = Job(id=job_id, spec=ImageSpec(*json.loads(spec)), deadline=now, request_id=request_id,
+                  idempotency_key=idem, owner=owner, status=JobStatus(status), detached=bool(detached),
+                  output_format=output_format, output_quality=output_quality, image_name=image_name,
+                  error=error_from_record(error), generate_s=generate_s, created_wall=created_wall,
+                  finished_wall=finished_wall)
+        # monotonic times rebuilt from wall-clock ones, so queue_ms and the TTL read as before the restart
+        job.created = now - (now_wall - created_wall)
+        if job.status not in FINAL:
+            job.status, job.finished_wall = JobStatus.failed, now_wall
+            job.error = WorkerRestarted("the worker restarted before this job finished; submit it again",
+                                        retry_after=1)
+            self.record(job)
+        job.finished = now - (now_wall - job.finished_wall)
+        if queue_ms is not None:
+            job.started = job.created + queue_ms / 1000
+        return job
 
     def forget(self, job_ids: list[str]) -> None:
         if job_ids:
