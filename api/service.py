@@ -32,7 +32,8 @@ from api.queue import FINAL, Job, JobStatus
 from models.flux import ImageSpec
 
 KEEPALIVE_S = 15.0  # an SSE comment this often keeps proxies from closing an idle stream
-CANCEL_ANSWER_S = 30.0  # DELETE of a running job answers once the GPU let go of it, or after this long
+CANCEL_ANSWER_S = 30.0
+EVENT_CACHE_SIZE = 1024  # jobs whose last encoded event is kept for the other streams watching them  # DELETE of a running job answers once the GPU let go of it, or after this long
 
 
 class EventStream(StreamingResponse):
@@ -56,6 +57,7 @@ class ImageService:
         self.rt = rt
         self.streams_open = 0
         self.streams_by_caller: collections.Counter[str] = collections.Counter()
+        self._event_cache: collections.OrderedDict[str, tuple[int, str, str]] = collections.OrderedDict()
 
     @property
     def queue(self):
@@ -239,8 +241,7 @@ class ImageService:
             changed = job.changed  # taken before reading the job, so no change between read and wait is missed
             if job.version != seen:
                 seen = job.version
-                view = self.view(request, job)
-                yield f"event: {view['status']}\ndata: {json.dumps(view)}\n\n"
+                yield self._event(request, job)
             if job.status in FINAL:
                 yield "event: done\ndata: {}\n\n"
                 return
@@ -248,6 +249,21 @@ class ImageService:
                 await asyncio.wait_for(changed.wait(), KEEPALIVE_S)
             except asyncio.TimeoutError:
                 yield ": keep-alive\n\n"
+
+    def _event(self, request: Request, job: Job) -> str:
+        """The SSE event of the job's current version. Thousands of streams may watch one job: the view is
+        built and encoded once per change (per base URL, which only a result's image_url depends on)."""
+        base = base_url(request, self.rt.trusted_proxies, self.rt.settings.public_url) \
+            if job.status == JobStatus.succeeded else ""
+        cached = self._event_cache.get(job.id)
+        if cached is not None and cached[0] == job.version and cached[1] == base:
+            return cached[2]
+        view = self.view(request, job)
+        text = f"event: {view['status']}\ndata: {json.dumps(view)}\n\n"
+        self._event_cache[job.id] = (job.version, base, text)
+        if len(self._event_cache) > EVENT_CACHE_SIZE:
+            self._event_cache.popitem(last=False)
+        return text
 
     def snapshot(self) -> dict:
         return {"event_streams": self.streams_open}
