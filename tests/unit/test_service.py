@@ -14,7 +14,6 @@ import httpx
 import pytest
 
 from api.app import create_app
-from api.runtime import WorkerState
 from api.server import DrainingServer
 from tests.unit.support import (SMALL, FailingPipe, GatedEngine, PreloadedEngine, ThreadedServer, assert_json_error,
                                 make_settings, queue_stats, serve, wait_until)
@@ -116,6 +115,8 @@ async def test_without_keys_everyone_shares_the_jobs(bf16_engine, tmp_path):
 
 
 def test_worker_state_is_an_enum_with_the_json_values(bf16_engine, tmp_path):
+    from api.runtime import WorkerState
+
     app = create_app(make_settings(tmp_path), PreloadedEngine(bf16_engine))
     rt = app.state.runtime
     assert rt.state is WorkerState.loading and json.dumps({"s": rt.state}) == '{"s": "loading"}'
