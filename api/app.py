@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import resource
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,7 +19,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import __version__, jobs, openai_routes, routes
 from api.errors import ApiError, InvalidRequest, NotFound
-from api.runtime import Runtime
+from api.jobstore import JobStore
+from api.runtime import Runtime, WorkerState
 from api.settings import Settings
 from models.flux import EngineConfig, FluxEngine
 
@@ -54,14 +56,42 @@ async def _sweep(rt: Runtime) -> None:
     while True:
         await asyncio.sleep(min(SWEEP_INTERVAL_S, rt.settings.job_ttl_s / 2))
         try:
-            for job in rt.queue.forget_finished(rt.settings.job_ttl_s):
+            gone = rt.queue.forget_finished(rt.settings.job_ttl_s)
+            for job in gone:
                 if job.detached and job.image_name:
                     rt.store.delete(job.image_name)
+            if rt.jobstore is not None:  # a record and its image expire together
+                rt.jobstore.forget([job.id for job in gone])
             rt.idempotency.sweep()
             if rt.settings.image_ttl_s > 0:
                 await asyncio.to_thread(rt.store.sweep, rt.settings.image_ttl_s)
         except Exception:
             log.exception("retention sweep failed")
+
+
+def _raise_open_file_limit() -> None:
+    """Every event stream and waiting request holds a socket: lift the soft limit on open files (often 1024)
+    to the hard one, so FLUX_MAX_EVENT_STREAMS, not the file table, is what bounds them."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
+    except (ValueError, OSError):
+        log.warning("could not raise the open-file limit; event streams may be refused early")
+
+
+def _open_job_store(rt: Runtime) -> None:
+    """Read back the jobs (and Idempotency-Keys) an earlier run of this worker recorded, then record anew."""
+    store = JobStore(rt.settings.job_store_path)
+    jobs, expired_images = store.load(rt.settings.job_ttl_s)
+    for name in expired_images:
+        rt.store.delete(name)
+    rt.queue.restore(jobs)
+    rt.queue.journal = store
+    rt.idempotency.attach(store)
+    rt.jobstore = store
+    if jobs:
+        log.info("restored %d jobs from %s", len(jobs), store.path)
 
 
 def create_app(settings: Settings, engine=None) -> FastAPI:
@@ -73,6 +103,8 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         rt.queue = _queue_factory(settings.precision)(
             settings, rt.engine, rt.store, batch_wait_ms=settings.batch_wait_ms, job_prefix=settings.job_prefix,
             max_consecutive_failures=settings.max_consecutive_failures, observer=rt.metrics.observe)
+        _raise_open_file_limit()
+        _open_job_store(rt)
         rt.queue.start()
         config = getattr(rt.engine, "config", None)
         if config is not None and hasattr(config, "warmup_batch"):
@@ -82,11 +114,12 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         try:
             yield
         finally:
-            rt.set_state("draining")
+            rt.set_state(WorkerState.draining)
             await rt.queue.drain(settings.drain_timeout_s)
             for task in (loader, sweeper):
                 task.cancel()
             await rt.queue.stop()
+            rt.jobstore.close()
 
     app = FastAPI(title="FLUX image generation API", version=__version__, lifespan=lifespan,
                   docs_url="/docs", redoc_url=None)
@@ -125,7 +158,7 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     @app.get("/metrics")
     async def metrics():
         snapshot = rt.queue.snapshot() if rt.queue else {}
-        body = rt.metrics.render(snapshot, rt.gpu_memory(), rt.state == "ready")
+        body = rt.metrics.render(snapshot, rt.gpu_memory(), rt.state == WorkerState.ready)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     from api.middleware import RequestContext

@@ -112,3 +112,15 @@ class Cancelled(ApiError):
 
 class GenerationFailed(ApiError):
     status, code = 500, "generation_failed"
+
+
+class TooManyStreams(ApiError):
+    status, code, retryable = 429, "too_many_streams", True
+
+
+class WorkerFailed(ApiError):
+    status, code, retryable = 503, "worker_failed", True
+
+
+class WorkerRestarted(ApiError):
+    status, code, retryable = 503, "worker_restarted", True

@@ -1,4 +1,6 @@
-"""Request plumbing shared by the routers: body parsing, validation errors, URLs, waiting on a job."""
+"""Request plumbing shared by the routers: body parsing, validation errors, URLs, Idempotency-Keys.
+
+Waiting on a job, admission and ownership live in api/service.py."""
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from api.errors import (ApiError, Conflict, Draining, InvalidJson, InvalidRequest, NotReady, PayloadTooLarge,
                         Timeout, UnsupportedMediaType)
-from api.queue import Job, JobStatus
+from api.queue import Job
 from api.schemas import MAX_PIXELS, MAX_SEED, GenerateRequest
 from models.flux import ImageSpec
 
@@ -173,31 +175,46 @@ def ensure_accepting(state: str) -> None:
 
 
 class IdempotencyStore:
-    """Idempotency-Key → job id, so a retried POST returns the first attempt's job instead of a second image."""
+    """Idempotency-Key → job ids, so a retried POST returns the first attempt's job(s) instead of new images.
+
+    Keys are already scoped to their principal (see idempotency_key). With a JobStore attached, every key is
+    written through to it and read back at start-up, so a key outlives a graceful restart of the worker.
+    """
 
     def __init__(self, ttl_s: float):
         self.ttl_s = ttl_s
-        self._entries: dict[str, tuple[str, str, float]] = {}  # key -> (fingerprint, job id, expiry)
+        self.journal = None
+        self._entries: dict[str, tuple[str, list[str], float]] = {}  # key -> (fingerprint, job ids, expiry)
+
+    def attach(self, journal) -> None:
+        self.journal = journal
+        self._entries.update(journal.load_keys())
 
     @staticmethod
     def fingerprint(route: str, data: dict) -> str:
         return route + json.dumps(data, sort_keys=True, separators=(",", ":"))
 
-    def lookup(self, key: str, fingerprint: str) -> str | None:
+    def lookup(self, key: str, fingerprint: str) -> list[str] | None:
         entry = self._entries.get(key)
-        if entry is None or entry[2] < time.monotonic():
+        if entry is None or entry[2] < time.time():
             return None
         if entry[0] != fingerprint:
             raise Conflict("this Idempotency-Key was used with a different request", field="Idempotency-Key")
         return entry[1]
 
-    def remember(self, key: str, fingerprint: str, job_id: str) -> None:
-        self._entries[key] = (fingerprint, job_id, time.monotonic() + self.ttl_s)
+    def remember(self, key: str, fingerprint: str, job_ids: list[str]) -> None:
+        expires = time.time() + self.ttl_s
+        self._entries[key] = (fingerprint, list(job_ids), expires)
+        if self.journal is not None:
+            self.journal.remember_key(key, fingerprint, list(job_ids), expires)
 
     def sweep(self) -> None:
-        now = time.monotonic()
-        for key in [k for k, v in self._entries.items() if v[2] < now]:
+        now = time.time()
+        gone = [k for k, v in self._entries.items() if v[2] < now]
+        for key in gone:
             del self._entries[key]
+        if self.journal is not None:
+            self.journal.forget_keys(gone)
 
 
 def idempotency_key(request: Request) -> str | None:
@@ -209,25 +226,6 @@ def idempotency_key(request: Request) -> str | None:
         raise InvalidRequest("Idempotency-Key must be 1 to 200 characters", field="Idempotency-Key")
     principal = getattr(request.state, "api_key_id", "")
     return f"{principal}:{key}"
-
-
-async def wait_for_job(request: Request, queue, job: Job) -> Job:
-    """Wait for a job while watching the client: a client that hangs up has its job dropped or interrupted,
-    and a job past its deadline is timed out (504) with the GPU freed at the next step."""
-    while not job.done.is_set():
-        try:
-            await asyncio.wait_for(job.done.wait(), 0.25)
-        except asyncio.TimeoutError:
-            pass
-        if job.done.is_set():
-            break
-        if await request.is_disconnected():
-            queue.cancel(job, "disconnect")
-            break
-        if time.monotonic() > job.deadline and job.status == JobStatus.queued:
-            queue.cancel(job, "timeout")
-    await job.done.wait()
-    return job
 
 
 def job_error(job: Job) -> ApiError:

@@ -8,8 +8,8 @@ url|b64_json, `quality`, `style`, `user`, `output_format` png|jpeg|webp, `output
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import base64
+import dataclasses
 import time
 from typing import Literal
 
@@ -17,12 +17,10 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.errors import InvalidRequest, StorageError
-from api.http import (ensure_accepting, make_spec, output_options, parse_generate, parse_model, read_json_object,
-                      wait_for_job)
-from api.queue import JobStatus
-from api.routes import job_response
-from api.runtime import Runtime, get_runtime
+from api.http import make_spec, output_options, parse_generate, parse_model, read_json_object
+from api.runtime import get_service
 from api.schemas import OutputFormat
+from api.service import ImageService
 
 MAX_N = 4
 
@@ -62,7 +60,8 @@ router = APIRouter()
 
 
 @router.post("/v1/images/generations")
-async def images_generations(request: Request, rt: Runtime = Depends(get_runtime)):
+async def images_generations(request: Request, service: ImageService = Depends(get_service)):
+    rt = service.rt
     data = await read_json_object(request, rt.settings.max_body_bytes)
     oa = parse_model(OpenAIImageRequest, data)
     width, height = (int(v) for v in (oa.size or "1024x1024").lower().split("x"))
@@ -79,18 +78,15 @@ async def images_generations(request: Request, rt: Runtime = Depends(get_runtime
     except InvalidRequest as exc:  # name the OpenAI field, not ours
         field = {"width": "size", "height": "size", "output_quality": "output_compression"}.get(exc.field, exc.field)
         raise InvalidRequest(exc.message.replace(f"{exc.field}:", f"{field}:", 1), field=field) from None
-    ensure_accepting(rt.state)
-    timeout = rt.settings.request_timeout_s
-    jobs = []
-    for i in range(oa.n):
-        spec = make_spec(req, rt.info)
-        if oa.seed is not None:
-            spec = dataclasses.replace(spec, seed=(oa.seed + i) % 2**32)
-        jobs.append(rt.queue.submit(spec, timeout_s=timeout, request_id=request.state.request_id, **output))
-    await asyncio.gather(*(wait_for_job(request, rt.queue, job) for job in jobs))
-    failed = [job for job in jobs if job.status != JobStatus.succeeded]
-    if failed:
-        raise failed[0].error or InvalidRequest("generation failed")
+
+    def specs():
+        first = make_spec(req, rt.info)
+        if oa.seed is None:
+            return [first] + [make_spec(req, rt.info) for _ in range(oa.n - 1)]
+        return [dataclasses.replace(first, seed=(oa.seed + i) % 2**32) for i in range(oa.n)]
+
+    jobs, _ = service.admit(request, "/v1/images/generations", data, specs, output)  # all n images or none
+    await service.wait(request, jobs)
     out = []
     for job in jobs:
         if oa.response_format == "b64_json":
@@ -99,5 +95,5 @@ async def images_generations(request: Request, rt: Runtime = Depends(get_runtime
                 raise StorageError("the image was stored but is gone; try again")
             out.append({"b64_json": base64.b64encode(raw).decode(), "revised_prompt": oa.prompt})
         else:
-            out.append({"url": job_response(rt, request, job)["image_url"], "revised_prompt": oa.prompt})
+            out.append({"url": service.result(request, job)["image_url"], "revised_prompt": oa.prompt})
     return {"created": int(time.time()), "data": out}

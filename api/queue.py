@@ -5,6 +5,11 @@ two concurrent calls on one diffusers pipeline race on its scheduler state. "max
 rendered together by batching compatible jobs (same size, steps and guidance) into one pipeline call.
 PNG encoding and disk writes run on a separate pool, overlapping the next batch on the GPU; the event loop
 only ever awaits.
+
+Every change of a job happens on the event loop: the GPU thread hands its progress (a step, a finished batch)
+to the loop with call_soon_threadsafe, and deadlines are loop timers. Each change wakes the job's waiters
+through its `changed` event, so nothing polls. If the scheduler task itself dies, the manager fails every
+pending job with a retryable error, refuses new work and records `fatal_error` (the server exits non-zero).
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from api.errors import (ApiError, Cancelled, Draining, GenerationFailed, InvalidRequest, NotReady, OutOfMemory,
-                        QueueFull, Timeout)
+                        QueueFull, Timeout, WorkerFailed)
 from api.storage import ImageStore
 from models.flux import EngineOutOfMemory, GenerationInterrupted, ImageSpec
 
@@ -44,6 +49,7 @@ class Job:
     deadline: float  # time.monotonic()
     request_id: str = ""
     idempotency_key: str | None = None
+    owner: str = ""  # the API key id that created it ("" with keys off): only it may see the job
     status: JobStatus = JobStatus.queued
     step: int = 0
     created: float = field(default_factory=time.monotonic)
@@ -60,6 +66,9 @@ class Job:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     generate_s: float | None = None
     version: int = 0  # bumped at every visible change, for event streams
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # set (and replaced) at every change
+    waiters: int = 0  # requests waiting on it now: a disconnect cancels it only when the last one left
+    deadline_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
     @property
     def queue_ms(self) -> float:
@@ -71,7 +80,10 @@ class Job:
         return None if self.generate_s is None else round(self.generate_s * 1000, 1)
 
     def touch(self) -> None:
+        """Record a visible change and wake everyone awaiting `changed` (event loop only)."""
         self.version += 1
+        event, self.changed = self.changed, asyncio.Event()
+        event.set()
 
 
 class Stats:
@@ -119,6 +131,8 @@ class QueueManager:
         self._wakeup: asyncio.Event | None = None
         self._scheduler: asyncio.Task | None = None
         self._draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.journal = None  # a JobStore recording every job (api/jobstore.py); None keeps jobs in memory only
         self._gpu = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
         self._io = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="png")
         self._store_tasks: set[asyncio.Task] = set()
@@ -135,8 +149,27 @@ class QueueManager:
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
-        self._scheduler = asyncio.create_task(self._schedule(), name="queue-scheduler")
+        self._scheduler = asyncio.create_task(self._supervise(), name="queue-scheduler")
+
+    async def _supervise(self) -> None:
+        """Run the scheduler; if anything escapes it, no job would ever be taken again, so fail them all now
+        (retryable: another worker can serve them) and mark the manager fatal so the process exits."""
+        try:
+            await self._schedule()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            log.critical("the queue scheduler died; failing every pending job", exc_info=exc)
+            self.fatal_error = f"the queue scheduler stopped: {type(exc).__name__}"
+            error = WorkerFailed("the worker failed and is restarting; retry", retry_after=5)
+            # every unfinished job, wherever it was: waiting, on the GPU, or between the GPU and the store
+            for job in [j for j in self.jobs.values() if j.status not in FINAL]:
+                job.cancel_reason = job.cancel_reason or "shutdown"  # a batch on the GPU stops at its next step
+                self._finish(job, JobStatus.failed, error)
+            self._waiting.clear()
+            self._running = []
 
     @property
     def draining(self) -> bool:
@@ -187,7 +220,16 @@ class QueueManager:
 
     def submit(self, spec: ImageSpec, *, timeout_s: float, request_id: str = "",
                idempotency_key: str | None = None, output_format: str = "png",
-               output_quality: int | None = None) -> Job:
+               output_quality: int | None = None, owner: str = "", detached: bool = False) -> Job:
+        return self.submit_many([spec], timeout_s=timeout_s, request_id=request_id, idempotency_key=idempotency_key,
+                                output_format=output_format, output_quality=output_quality, owner=owner,
+                                detached=detached)[0]
+
+    def submit_many(self, specs: list[ImageSpec], *, timeout_s: float, request_id: str = "",
+                    idempotency_key: str | None = None, output_format: str = "png",
+                    output_quality: int | None = None, owner: str = "", detached: bool = False) -> list[Job]:
+        """Admit every spec or none: capacity for all of them is checked before the first is queued, so a
+        refused request leaves no accepted job behind."""
         if self._draining:
             self._reject("draining")
             raise Draining("the server is shutting down; retry on another worker", retry_after=1)
@@ -197,24 +239,46 @@ class QueueManager:
         # An idle GPU takes up to max_concurrent waiting jobs at once: those are not "waiting beyond the
         # running ones", so max_queue_size=0 still accepts work whenever the GPU is free.
         free_slots = 0 if self._running else self.max_concurrent
-        if len(self._waiting) >= self.max_queue_size + free_slots:
+        if len(self._waiting) + len(specs) > self.max_queue_size + free_slots:
             self._reject("queue_full")
             raise QueueFull(f"the queue is full ({self.max_queue_size} waiting); retry later",
                             retry_after=self.estimated_wait_s())
         check = getattr(self.engine, "check_spec", None)  # what only this engine refuses (models/parallel.py)
         if check is not None:
-            try:
-                check(spec)
-            except ValueError as exc:
-                self._reject("invalid")
-                raise InvalidRequest(str(exc), field=getattr(exc, "field", None)) from None
-        job = Job(id=self.new_job_id(), spec=spec, deadline=time.monotonic() + timeout_s, request_id=request_id,
-                  idempotency_key=idempotency_key, output_format=output_format, output_quality=output_quality)
-        self.jobs[job.id] = job
-        self._waiting.append(job)
+            for spec in specs:
+                try:
+                    check(spec)
+                except ValueError as exc:
+                    self._reject("invalid")
+                    raise InvalidRequest(str(exc), field=getattr(exc, "field", None)) from None
+        deadline = time.monotonic() + timeout_s
+        jobs = [Job(id=self.new_job_id(), spec=spec, deadline=deadline, request_id=request_id,
+                    idempotency_key=idempotency_key, output_format=output_format, output_quality=output_quality,
+                    owner=owner, detached=detached) for spec in specs]
+        for job in jobs:
+            self.jobs[job.id] = job
+            self._waiting.append(job)
+            # a loop timer, not a poll: a queued job leaves at its deadline, a running one stops at its next step
+            job.deadline_timer = self._loop.call_at(self._loop.time() + timeout_s, self._deadline_passed, job)
+            if self.journal is not None:
+                self.journal.record(job)
         self.observer("queued", {"depth": len(self._waiting)})
         self._wakeup.set()
-        return job
+        return jobs
+
+    def restore(self, jobs: list[Job]) -> None:
+        """Take back the finished jobs a previous run of this worker recorded (read from the JobStore)."""
+        for job in jobs:
+            job.done.set()
+            self.jobs.setdefault(job.id, job)
+
+    def _deadline_passed(self, job: Job) -> None:
+        job.deadline_timer = None
+        if job.status == JobStatus.queued:
+            self.cancel(job, "timeout")
+        elif job.status == JobStatus.running and not job.cancel_reason:
+            job.cancel_reason = "timeout"  # the GPU thread reads it at the next step
+            job.touch()
 
     def _reject(self, reason: str) -> None:
         self.stats.rejected[reason] += 1
@@ -261,6 +325,7 @@ class QueueManager:
                 self._waiting.remove(job)
             except ValueError:
                 pass
+            self._queue_moved()
             error = Timeout("the request ran past its deadline") if reason == "timeout" else \
                 Cancelled(f"the request was cancelled ({reason})")
             self._finish(job, JobStatus.failed if reason == "timeout" else JobStatus.cancelled, error)
@@ -270,6 +335,11 @@ class QueueManager:
     async def wait(self, job: Job, timeout_s: float | None = None) -> Job:
         await asyncio.wait_for(job.done.wait(), timeout_s)
         return job
+
+    def _queue_moved(self) -> None:
+        """Jobs left the waiting line: the ones still in it moved up, which their event streams show."""
+        for job in self._waiting:
+            job.touch()
 
     # ---- the scheduler -------------------------------------------------------------------------
     def _take_batch(self) -> list[Job]:
@@ -308,10 +378,13 @@ class QueueManager:
             for job in batch:
                 job.status, job.started = JobStatus.running, started
                 job.touch()
+                if self.journal is not None:
+                    self.journal.record(job)
                 self.stats.queue_wait_total_s += started - job.created
                 self.stats.queue_wait_count += 1
                 self.observer("started", {"queue_wait_s": started - job.created})
             self._running = batch
+            self._queue_moved()
             try:
                 images = await loop.run_in_executor(self._gpu, self._render, batch)
             except Exception as exc:  # every failure is answered per job; the loop goes on
@@ -331,18 +404,22 @@ class QueueManager:
                 task.add_done_callback(self._store_tasks.discard)
 
     def _render(self, batch: list[Job]):
-        """Runs on the GPU thread only."""
+        """Runs on the GPU thread only. It changes no job: progress goes to the loop as an event."""
+        loop = self._loop
 
         def should_stop(step: int, total: int) -> bool:
-            now = time.monotonic()
-            for job in batch:
-                job.step = step
-                job.touch()
-                if now > job.deadline and not job.cancel_reason:
-                    job.cancel_reason = "timeout"
-            return all(job.cancel_reason for job in batch)
+            loop.call_soon_threadsafe(self._progress, batch, step)
+            now = time.monotonic()  # the deadline timer may not have run yet when the loop is busy
+            return all(job.cancel_reason or now > job.deadline for job in batch)
 
         return self.engine.generate([job.spec for job in batch], should_stop)
+
+    @staticmethod
+    def _progress(batch: list[Job], step: int) -> None:
+        for job in batch:
+            if job.status == JobStatus.running and step > job.step:
+                job.step = step
+                job.touch()
 
     async def _store(self, job: Job, image) -> None:
         self._storing += 1
@@ -377,7 +454,10 @@ class QueueManager:
 
     def _fail_batch(self, batch: list[Job], exc: Exception) -> None:
         if isinstance(exc, GenerationInterrupted):
+            now = time.monotonic()
             for job in batch:
+                if not job.cancel_reason and now > job.deadline:
+                    job.cancel_reason = "timeout"
                 self._finish_cancelled(job)
             return
         if isinstance(exc, EngineOutOfMemory):
@@ -410,7 +490,12 @@ class QueueManager:
             return
         job.status, job.error = status, error
         job.finished, job.finished_wall = time.monotonic(), time.time()
+        if job.deadline_timer is not None:
+            job.deadline_timer.cancel()
+            job.deadline_timer = None
         job.touch()
+        if self.journal is not None:
+            self.journal.record(job)
         if status == JobStatus.succeeded:
             self.stats.completed += 1
         elif status == JobStatus.cancelled:

@@ -9,73 +9,20 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from api import __version__
 from api.errors import NotFound
 from api.images import image_response
-from api.http import (base_url, ensure_accepting, idempotency_key, job_error, make_spec, output_options,
-                      parse_generate, read_json_object, wait_for_job)
-from api.queue import Job, JobStatus
-from api.runtime import Runtime, get_runtime
+from api.runtime import Runtime, WorkerState, get_runtime, get_service
+from api.service import ImageService
 
 router = APIRouter()
 
 
-def job_response(rt: Runtime, request: Request, job: Job) -> dict:
-    info = rt.info
-    spec = job.spec
-    return {
-        "image_url": rt.store.url_for(job.image_name,
-                                      base_url(request, rt.trusted_proxies, rt.settings.public_url)),
-        "seed": spec.seed,
-        "width": spec.width,
-        "height": spec.height,
-        "num_inference_steps": spec.steps,
-        "guidance_scale": spec.guidance,
-        "model": info.model,
-        "synthetic": info.synthetic,
-        "precision": info.precision,
-        "gpu": rt.settings.gpu_index,
-        "queue_ms": job.queue_ms,
-        "generate_ms": job.generate_ms,
-        "request_id": job.request_id,
-        "job_id": job.id,
-        "output_format": job.output_format,
-    }
-
-
-def _worth_retrying(job: Job) -> bool:
-    """A job whose client hung up, or that failed with a retryable error, produced no image: a retry under
-    its Idempotency-Key starts a new attempt instead of replaying that outcome forever."""
-    if job.cancel_reason == "disconnect":  # cancelled, or about to be at its next step
-        return True
-    return job.status == JobStatus.failed and job.error is not None and job.error.retryable
-
-
-async def submit_request(rt: Runtime, request: Request, route: str) -> tuple[Job, bool]:
-    """Validate and enqueue a generation; returns (job, reused) where reused means an Idempotency-Key match."""
-    data = await read_json_object(request, rt.settings.max_body_bytes)
-    req = parse_generate(data, rt.settings.max_prompt_chars)
-    key = idempotency_key(request)
-    fingerprint = rt.idempotency.fingerprint(route, data) if key else ""
-    if key:
-        job_id = rt.idempotency.lookup(key, fingerprint)
-        job = rt.queue.get(job_id) if job_id else None
-        if job is not None and not _worth_retrying(job):
-            return job, True
-    ensure_accepting(rt.state)
-    timeout = req.timeout_s or rt.settings.request_timeout_s
-    job = rt.queue.submit(make_spec(req, rt.info), timeout_s=timeout, request_id=request.state.request_id,
-                          idempotency_key=key, **output_options(req, rt.settings))
-    if key:
-        rt.idempotency.remember(key, fingerprint, job.id)
-    return job, False
-
-
 @router.post("/generate")
-async def generate(request: Request, rt: Runtime = Depends(get_runtime)):
-    job, _ = await submit_request(rt, request, "/generate")
-    await wait_for_job(request, rt.queue, job)
-    request.state.timing = (job.queue_ms, job.generate_ms)
-    if job.status != JobStatus.succeeded:
-        raise job_error(job)
-    return job_response(rt, request, job)
+async def generate(request: Request, service: ImageService = Depends(get_service)):
+    job, _ = await service.submit_native(request, "/generate", detached=False)
+    try:
+        await service.wait(request, [job])
+    finally:
+        request.state.timing = (job.queue_ms, job.generate_ms)
+    return service.result(request, job)
 
 
 @router.get("/")
@@ -114,7 +61,7 @@ async def health(rt: Runtime = Depends(get_runtime)):
         # a shared bucket that is down is not this worker's fault: /health stays as it is (pulling every
         # worker out of the balancer would turn retryable 503s into 502s) and says so here
         body["storage"] = "unavailable" if rt.store.last_error else "ok"
-    return JSONResponse(body, status_code=200 if state == "ready" else 503)
+    return JSONResponse(body, status_code=200 if state == WorkerState.ready else 503)
 
 
 @router.get("/live")
@@ -127,6 +74,7 @@ async def queue_stats(rt: Runtime = Depends(get_runtime)):
     stats = rt.queue.snapshot() if rt.queue else {}
     stats.update(rt.gpu_memory())
     stats["state"] = rt.state
+    stats.update(rt.service.snapshot())
     stats["prompt_cache"] = rt.prompt_cache_stats()
     return stats
 

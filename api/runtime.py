@@ -5,6 +5,7 @@ Handlers reach it through the `get_runtime` dependency, so tests can build an ap
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
 
@@ -12,12 +13,20 @@ from fastapi import Request
 
 from api.http import IdempotencyStore
 from api.metrics import Metrics
+from api.service import ImageService
 from api.settings import Settings
 from api.image_stores import make_image_store
 
 log = logging.getLogger(__name__)
 
-STATES = ("loading", "ready", "degraded", "draining", "failed")
+
+class WorkerState(enum.StrEnum):
+    """What /health says (the JSON values are these strings)."""
+    loading = "loading"
+    ready = "ready"
+    degraded = "degraded"
+    draining = "draining"
+    failed = "failed"
 
 
 class Runtime:
@@ -30,26 +39,26 @@ class Runtime:
         self.failure: str | None = None
         self.api_keys = settings.api_key_set()
         self.idempotency = IdempotencyStore(ttl_s=settings.job_ttl_s)
+        self.jobstore = None  # api/jobstore.JobStore, opened in the lifespan
+        self.service = ImageService(self)
         self.trusted_proxies = frozenset(p.strip() for p in settings.trusted_proxies.split(",") if p.strip())
         gpu = "cpu" if settings.gpu_index is None else str(settings.gpu_index)
         self.metrics = Metrics(gpu=gpu, precision=settings.precision)
-        self._state = "loading"
+        self._state = WorkerState.loading
         self._nvml_handle = None
         self.load_seconds: float | None = None
         self.warmup_seconds: float | None = None
 
     @property
-    def state(self) -> str:
-        if self._state == "ready" and self.queue is not None:
-            if self.queue.fatal_error:
-                return "failed"
-            if not self.queue.healthy():
-                return "degraded"
+    def state(self) -> WorkerState:
+        if self.queue is not None and self.queue.fatal_error and self._state != WorkerState.draining:
+            return WorkerState.failed  # a dead GPU context or scheduler
+        if self._state == WorkerState.ready and self.queue is not None and not self.queue.healthy():
+            return WorkerState.degraded
         return self._state
 
-    def set_state(self, state: str, failure: str | None = None) -> None:
-        assert state in STATES
-        self._state = state
+    def set_state(self, state: WorkerState | str, failure: str | None = None) -> None:
+        self._state = WorkerState(state)  # ValueError for a name that is not a state
         if failure:
             self.failure = failure
 
@@ -62,10 +71,10 @@ class Runtime:
             self.warmup_seconds = await asyncio.to_thread(self.engine.warmup)
         except Exception as exc:  # the process stays up to say why on /health; supervision decides
             log.exception("loading %s failed", self.settings.model)
-            self.set_state("failed", f"model load failed: {type(exc).__name__}: {str(exc)[:300]}")
+            self.set_state(WorkerState.failed, f"model load failed: {type(exc).__name__}: {str(exc)[:300]}")
             return
-        if self._state == "loading":
-            self.set_state("ready")
+        if self._state == WorkerState.loading:
+            self.set_state(WorkerState.ready)
         log.info("ready: loaded in %.1f s, warm-up %.1f s", self.load_seconds, self.warmup_seconds)
 
     def progress(self) -> dict | None:
@@ -113,3 +122,7 @@ class Runtime:
 
 def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime
+
+
+def get_service(request: Request) -> ImageService:
+    return request.app.state.runtime.service

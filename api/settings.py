@@ -103,12 +103,19 @@ class Settings(BaseSettings):
                                            "instead of a presigned URL")
     image_url_ttl_s: int = Field(3600, ge=1, le=604800, description="validity of presigned image URLs "
                                  "(S3 allows at most 7 days)")
+    state_dir: str | None = Field(None, description="folder of this worker's job records (SQLite, one file per "
+                                  "worker: jobs-<worker id>.sqlite3), kept across restarts; default: "
+                                  "<output_dir>/../run/jobs")
 
     # request limits and security
     max_body_bytes: int = Field(65536, ge=1024)
     max_prompt_chars: int = Field(2000, ge=1)
     api_keys: str = Field("", description="comma-separated API keys; empty: no authentication")
     api_key_file: str | None = Field(None, description="file with one API key per line")
+    max_event_streams: int = Field(4096, ge=1, description="open GET /jobs/{id}/events streams one worker holds; "
+                                   "past it a new stream is refused with 429 too_many_streams")
+    max_event_streams_per_key: int = Field(64, ge=1, description="open event streams per API key (per client "
+                                           "address when keys are off); past it 429 too_many_streams")
 
     log_level: str = "info"
 
@@ -146,6 +153,11 @@ class Settings(BaseSettings):
     @property
     def job_prefix(self) -> str:
         return self.worker_id or str(self.port)
+
+    @property
+    def job_store_path(self) -> Path:
+        folder = Path(self.state_dir) if self.state_dir else Path(self.output_dir).resolve().parent / "run" / "jobs"
+        return folder / f"jobs-{self.job_prefix}.sqlite3"
 
     @property
     def warmup_size_list(self) -> list[tuple[int, int]] | None:

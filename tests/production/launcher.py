@@ -8,6 +8,8 @@ the pipeline's step callback, where a real one would surface, so the engine's ow
   [oom]         torch.OutOfMemoryError, as CUDA raises it
   [cuda-error]  RuntimeError("CUDA error: an illegal memory access ...") - sticky: the worker must exit 3
   [fail]        RuntimeError whose message names a source file and a path (neither may reach a client)
+  [scheduler-crash]  after 5 good steps, an exception that escapes the queue's scheduler task (a bug in the
+                scheduler itself): the worker must fail every pending job at once, say "failed" and exit 3
 
 Disk full: while the file $FLUX_TEST_FAULT_DIR/disk_full exists, every image write stops half-way with
 ENOSPC, after part of the bytes reached the temp file (what a full disk does), so the store's clean-up is
@@ -40,10 +42,25 @@ FAULTS = {
 }
 
 
+class SchedulerCrash(BaseException):
+    """Not an Exception: nothing on its way up catches it, so it ends the scheduler task."""
+
+
+def crash_after_steps(steps: int):
+    def step(done, total):
+        if done >= steps:
+            raise SchedulerCrash("planted scheduler failure")
+        return False
+
+    return step
+
+
 class FaultyEngine(FluxEngine):
     """The real engine; a prompt marker makes the first denoising step raise."""
 
     def generate(self, specs, should_stop=None):
+        if any("[scheduler-crash]" in s.prompt for s in specs):
+            return super().generate(specs, crash_after_steps(5))
         fault = next((make for marker, make in FAULTS.items() if any(marker in s.prompt for s in specs)), None)
         if fault is None:
             return super().generate(specs, should_stop)
