@@ -16,6 +16,7 @@ from api.schemas import MAX_PIXELS, MAX_SEED, GenerateRequest
 from models.flux import ImageSpec
 
 JSON_TYPES = ("application/json",)
+LARGE_BODY = 1 << 20
 
 
 async def read_json_object(request: Request, max_bytes: int) -> dict:
@@ -35,7 +36,8 @@ async def read_json_object(request: Request, max_bytes: int) -> dict:
         chunks.append(chunk)
     raw = b"".join(chunks)
     try:
-        data = json.loads(raw)
+        # a body with images can be megabytes: parse those off the event loop, so other requests keep moving
+        data = json.loads(raw) if size < LARGE_BODY else await asyncio.to_thread(json.loads, raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidJson(f"the body is not valid JSON: {exc}", field="body") from None
     except (ValueError, RecursionError):  # a number over 4300 digits, or nesting deeper than the parser goes
@@ -75,12 +77,14 @@ def parse_generate(data: dict, max_prompt_chars: int) -> GenerateRequest:
     return req
 
 
-def make_spec(req: GenerateRequest, info) -> ImageSpec:
+def make_spec(req: GenerateRequest, info, inputs: dict | None = None) -> ImageSpec:
+    """`inputs` is what api.inputs.prepare_inputs made of the request: checked adapters, decoded images."""
     seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1)
+    extra = dict(inputs or {})
     return ImageSpec(
-        prompt=req.prompt, seed=seed, width=req.width, height=req.height,
+        prompt=req.prompt, seed=seed, width=extra.pop("width", req.width), height=extra.pop("height", req.height),
         steps=req.num_inference_steps or info.default_steps,
-        guidance=req.guidance_scale if req.guidance_scale is not None else info.default_guidance,
+        guidance=req.guidance_scale if req.guidance_scale is not None else info.default_guidance, **extra,
     )
 
 

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.errors import InvalidRequest
+from api.inputs import prepare_inputs
 from api.http import (ensure_accepting, make_spec, output_options, parse_generate, parse_model, read_json_object,
                       wait_for_job)
 from api.queue import JobStatus
@@ -41,6 +42,7 @@ class OpenAIImageRequest(BaseModel):
     user: str | None = None
     output_format: OutputFormat | None = None
     output_compression: int | None = Field(None, ge=0, le=100, strict=True)
+    loras: list | None = None  # extension: checked as the native field (api/schemas.py LoraRef)
 
     @field_validator("size")
     @classmethod
@@ -63,7 +65,7 @@ router = APIRouter()
 
 @router.post("/v1/images/generations")
 async def images_generations(request: Request, rt: Runtime = Depends(get_runtime)):
-    data = await read_json_object(request, rt.settings.max_body_bytes)
+    data = await read_json_object(request, rt.settings.request_body_limit)
     oa = parse_model(OpenAIImageRequest, data)
     width, height = (int(v) for v in (oa.size or "1024x1024").lower().split("x"))
     native = {"prompt": oa.prompt, "width": width, "height": height}
@@ -73,6 +75,8 @@ async def images_generations(request: Request, rt: Runtime = Depends(get_runtime
         native["output_format"] = oa.output_format
     if oa.output_compression is not None:  # OpenAI's compression percentage; ours is a quality
         native["output_quality"] = max(1, 100 - oa.output_compression)
+    if oa.loras is not None:
+        native["loras"] = oa.loras
     try:
         req = parse_generate(native, rt.settings.max_prompt_chars)
         output = output_options(req, rt.settings)
@@ -81,9 +85,10 @@ async def images_generations(request: Request, rt: Runtime = Depends(get_runtime
         raise InvalidRequest(exc.message.replace(f"{exc.field}:", f"{field}:", 1), field=field) from None
     ensure_accepting(rt.state)
     timeout = rt.settings.request_timeout_s
+    inputs = await prepare_inputs(req, rt)
     jobs = []
     for i in range(oa.n):
-        spec = make_spec(req, rt.info)
+        spec = make_spec(req, rt.info, inputs)
         if oa.seed is not None:
             spec = dataclasses.replace(spec, seed=(oa.seed + i) % 2**32)
         jobs.append(rt.queue.submit(spec, timeout_s=timeout, request_id=request.state.request_id, **output))

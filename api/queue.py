@@ -18,10 +18,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from api.errors import (ApiError, Cancelled, Draining, GenerationFailed, NotReady, OutOfMemory, QueueFull,
-                        Timeout)
+from api.errors import (ApiError, Cancelled, Draining, GenerationFailed, InvalidRequest, NotReady, OutOfMemory,
+                        QueueFull, Timeout)
 from api.storage import ImageStore
 from models.flux import EngineOutOfMemory, GenerationInterrupted, ImageSpec
+from models.lora import LoraError
 
 log = logging.getLogger(__name__)
 
@@ -372,6 +373,10 @@ class QueueManager:
         if isinstance(exc, GenerationInterrupted):
             for job in batch:
                 self._finish_cancelled(job)
+            return
+        if isinstance(exc, LoraError):  # an adapter file changed after admission: the request's fault, not the GPU's
+            for job in batch:
+                self._finish(job, JobStatus.failed, InvalidRequest(exc.message, field=exc.field))
             return
         if isinstance(exc, EngineOutOfMemory):
             error: ApiError = OutOfMemory("the GPU ran out of memory for this request; retry, or use a smaller "

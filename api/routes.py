@@ -6,6 +6,7 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from api import __version__
 from api.errors import NotFound
+from api.inputs import prepare_inputs
 from api.http import (base_url, ensure_accepting, idempotency_key, job_error, make_spec, output_options,
                       parse_generate, read_json_object, wait_for_job)
 from api.queue import Job, JobStatus
@@ -46,7 +47,7 @@ def _worth_retrying(job: Job) -> bool:
 
 async def submit_request(rt: Runtime, request: Request, route: str) -> tuple[Job, bool]:
     """Validate and enqueue a generation; returns (job, reused) where reused means an Idempotency-Key match."""
-    data = await read_json_object(request, rt.settings.max_body_bytes)
+    data = await read_json_object(request, rt.settings.request_body_limit)
     req = parse_generate(data, rt.settings.max_prompt_chars)
     key = idempotency_key(request)
     fingerprint = rt.idempotency.fingerprint(route, data) if key else ""
@@ -57,7 +58,8 @@ async def submit_request(rt: Runtime, request: Request, route: str) -> tuple[Job
             return job, True
     ensure_accepting(rt.state)
     timeout = req.timeout_s or rt.settings.request_timeout_s
-    job = rt.queue.submit(make_spec(req, rt.info), timeout_s=timeout, request_id=request.state.request_id,
+    inputs = await prepare_inputs(req, rt)
+    job = rt.queue.submit(make_spec(req, rt.info, inputs), timeout_s=timeout, request_id=request.state.request_id,
                           idempotency_key=key, **output_options(req, rt.settings))
     if key:
         rt.idempotency.remember(key, fingerprint, job.id)

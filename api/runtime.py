@@ -11,6 +11,7 @@ import time
 from fastapi import Request
 
 from api.http import IdempotencyStore
+from api.loras import LoraRegistry
 from api.metrics import Metrics
 from api.settings import Settings
 from api.storage import ImageStore
@@ -30,6 +31,7 @@ class Runtime:
         self.failure: str | None = None
         self.api_keys = settings.api_key_set()
         self.idempotency = IdempotencyStore(ttl_s=settings.job_ttl_s)
+        self.loras = LoraRegistry(settings, engine)
         self.trusted_proxies = frozenset(p.strip() for p in settings.trusted_proxies.split(",") if p.strip())
         gpu = "cpu" if settings.gpu_index is None else str(settings.gpu_index)
         self.metrics = Metrics(gpu=gpu, precision=settings.precision)

@@ -77,6 +77,16 @@ class Settings(BaseSettings):
     api_keys: str = Field("", description="comma-separated API keys; empty: no authentication")
     api_key_file: str | None = Field(None, description="file with one API key per line")
 
+    # custom models: LoRA adapters and input images (docs/API.md, docs/OPERATIONS.md)
+    lora_dir: str | None = Field(None, description="folder of LoRA adapters, NAME.safetensors each; unset: no LoRAs")
+    max_loras_per_request: int = Field(3, ge=1, le=8, description="adapters one request may combine (one "
+                                       "device slot each, allocated at load)")
+    lora_max_rank: int = Field(64, ge=1, le=512, description="highest adapter rank served; every slot is "
+                               "allocated at this rank so adapters swap without recompiling")
+    lora_cache: int = Field(8, ge=1, le=256, description="adapters kept converted in device memory (LRU)")
+    max_image_bytes: int = Field(10_000_000, ge=1024, description="largest input image or mask file (decoded "
+                                 "bytes); the body limit grows to fit two of them in base64")
+
     log_level: str = "info"
 
     @field_validator("worker_id")
@@ -85,6 +95,11 @@ class Settings(BaseSettings):
         if value is not None and not value.replace("_", "").isalnum():
             raise ValueError("FLUX_WORKER_ID may hold letters, digits and underscores only")
         return value
+
+    @property
+    def request_body_limit(self) -> int:
+        """max_body_bytes plus room for an image and a mask in base64 (4 characters per 3 bytes, data URL prefix)."""
+        return self.max_body_bytes + 2 * (4 * -(-self.max_image_bytes // 3) + 128)
 
     @property
     def job_prefix(self) -> str:

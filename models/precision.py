@@ -81,7 +81,12 @@ def fp4_replacer(device: torch.device, dtype: torch.dtype, quant_type: str = "fp
     return quantize
 
 
-def apply_fp8(transformer: torch.nn.Module) -> None:
+def apply_fp8(transformer: torch.nn.Module, skip_lora: bool = False) -> None:
+    """With skip_lora, PEFT's LoRA matrices stay in bf16 (they are swapped in place and are tiny) and only the
+    base Linears inside the LoRA layers become fp8."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    options = {}
+    if skip_lora:
+        options["filter_fn"] = lambda module, fqn: isinstance(module, torch.nn.Linear) and ".lora_" not in fqn
+    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), **options)
