@@ -358,7 +358,7 @@ class FluxEngine:
         elif loras:
             why = LORA_FP4_REFUSAL if self.info and self.info.precision == "fp4" else \
                 "this worker serves no LoRA adapters (FLUX_LORA_DIR is not set)"
-            raise LoraError(why, "loras")
+            raise LoraError(f"loras: {why}", "loras")
 
     def _warm_loras(self, spec: ImageSpec) -> None:
         """One step with the (zeroed) slots enabled, so the LoRA variant of the graph is compiled before ready."""

@@ -130,7 +130,7 @@ def read_adapter(path: Path, targets: dict[str, tuple[int, int]], max_rank: int,
         match = _KEY_RE.fullmatch(key)
         if match is None:
             what = "text-encoder LoRA weights are not served (transformer only)" if key.startswith("text_encoder") \
-                else f"unexpected key {key[:100]!r}"
+                else f"not a FLUX transformer LoRA (unexpected key {key[:100]!r})"
             raise LoraError(f"{field}: {what}", field)
         module = match["module"]
         if module not in targets:
@@ -174,7 +174,7 @@ class LoraSlots:
         self.device, self.dtype = device, dtype
         self.targets = lora_targets(pipe.transformer)
         self._cache: OrderedDict[str, tuple[tuple, dict, int]] = OrderedDict()  # name -> (signature, sd, rank)
-        self._current: list[tuple[str, float] | None] = [None] * slots  # what each slot holds now
+        self._current: list[tuple | None] = [None] * slots  # what each slot holds now
         self._enabled = False
         self.hits = self.misses = self.swaps = 0
         self.load_seconds = 0.0
@@ -218,11 +218,16 @@ class LoraSlots:
     def cached(self) -> list[str]:
         return list(self._cache)
 
-    def _adapter(self, name: str) -> dict:
+    def _signature(self, name: str) -> tuple:
         path = resolve_file(self.folder, name)
         if path is None:
-            raise LoraError(f"no LoRA named {name!r}", "loras")
-        sig = signature(path)
+            raise LoraError(f"loras: no LoRA named {name!r}", "loras")
+        return signature(path)
+
+    def _adapter(self, name: str, sig: tuple) -> dict:
+        path = resolve_file(self.folder, name)
+        if path is None:
+            raise LoraError(f"loras: no LoRA named {name!r}", "loras")
         entry = self._cache.get(name)
         if entry is not None and entry[0] == sig:
             self.hits += 1
@@ -232,7 +237,7 @@ class LoraSlots:
         started = time.perf_counter()
         state, rank = read_adapter(path, self.targets, self.max_rank, device=self.device, dtype=self.dtype)
         self.load_seconds += time.perf_counter() - started
-        self._cache[name] = (sig, state, rank)
+        self._cache[name] = (signature(path), state, rank)
         self._cache.move_to_end(name)
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
@@ -247,18 +252,18 @@ class LoraSlots:
                 self._enabled = False
             return
         if len(active) > len(self.slot_names):
-            raise LoraError(f"at most {len(self.slot_names)} adapters per request", "loras")
-        wanted = active + [None] * (len(self.slot_names) - len(active))
-        for slot, want, have in zip(self.slot_names, wanted, list(self._current)):
-            if want == have:
+            raise LoraError(f"loras: at most {len(self.slot_names)} adapters per request", "loras")
+        # a slot is known by (name, scale, file signature): a file replaced on disk is swapped in again
+        wanted = [(n, s, self._signature(n)) for n, s in active] + [None] * (len(self.slot_names) - len(active))
+        for index, (slot, want) in enumerate(zip(self.slot_names, wanted)):
+            if want == self._current[index]:
                 continue
-            index = self.slot_names.index(slot)
             self._current[index] = None  # a failure half-way leaves the slot unknown, so it is rewritten next
             if want is None:
                 self._zero(slot)
             else:
-                name, scale = want
-                state = self._adapter(name)
+                name, scale, sig = want
+                state = self._adapter(name, sig)
                 scaled = {k: (v * scale if ".lora_B." in k else v) for k, v in state.items()}
                 self.pipe.load_lora_weights(scaled, adapter_name=slot, hotswap=True)
                 self.swaps += 1
