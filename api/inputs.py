@@ -87,7 +87,9 @@ def open_image(raw: bytes, field: str, max_pixels: int = MAX_PIXELS) -> Image.Im
 
 def fit_size(width: int, height: int) -> tuple[int, int]:
     """An image's own size made servable: within the side and pixel limits, aspect kept, multiples of 16."""
-    scale = min(1.0, MAX_SIDE / max(width, height), (MAX_PIXELS / (width * height)) ** 0.5)
+    # up to the smallest side served, then down to the largest side and pixel count (which win for extreme shapes)
+    scale = max(1.0, MIN_SIDE / min(width, height))
+    scale = min(scale, MAX_SIDE / max(width, height), (MAX_PIXELS / (width * height)) ** 0.5)
     w, h = width * scale, height * scale
 
     def side(v: float) -> int:
