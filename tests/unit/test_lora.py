@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from api.app import create_app
 from models import compile_events
 from models.flux import EngineConfig, FluxEngine, ImageSpec
-from tests.lora_files import kohya_adapter, peft_adapter
+from bench.lora_files import kohya_adapter, peft_adapter
 from tests.unit.support import SMALL, PreloadedEngine, make_settings, serve
 
 MAX_RANK = 16
@@ -37,7 +37,7 @@ def _engine(lora_dir, **config) -> FluxEngine:
 @pytest.fixture(scope="module")
 def lora_engine(lora_dir, bf16_engine):
     engine = _engine(lora_dir)
-    tr = bf16_engine.pipe.transformer  # the same geometry, without the slots
+    tr = engine.pipe.transformer
     peft_adapter(tr, lora_dir / "style-a.safetensors", rank=4, seed=1)
     peft_adapter(tr, lora_dir / "style_b.safetensors", rank=8, seed=2, targets=("to_q", "to_v", "ff.net.2"))
     peft_adapter(tr, lora_dir / "style.c.safetensors", rank=MAX_RANK, seed=3)
@@ -122,9 +122,9 @@ def test_switching_adapters_never_recompiles(lora_dir, lora_engine):
 
 def test_a_changed_file_is_read_again(lora_dir, lora_engine, bf16_engine):
     path = lora_dir / "changing.safetensors"
-    peft_adapter(bf16_engine.pipe.transformer, path, rank=4, seed=10)
+    peft_adapter(lora_engine.pipe.transformer, path, rank=4, seed=10)
     first = _render(lora_engine, [("changing", 1.0)])
-    peft_adapter(bf16_engine.pipe.transformer, path, rank=4, seed=11)
+    peft_adapter(lora_engine.pipe.transformer, path, rank=4, seed=11)
     os.utime(path, ns=(1, 1))
     assert not np.array_equal(_render(lora_engine, [("changing", 1.0)]), first)
 
