@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import secrets
 import time
@@ -127,7 +128,8 @@ class IdempotencyStore:
 
     @staticmethod
     def fingerprint(route: str, data: dict) -> str:
-        return route + json.dumps(data, sort_keys=True, separators=(",", ":"))
+        # a digest: a body can carry megabytes of image, which must not be kept once per key
+        return hashlib.sha256((route + json.dumps(data, sort_keys=True, separators=(",", ":"))).encode()).hexdigest()
 
     def lookup(self, key: str, fingerprint: str) -> str | None:
         entry = self._entries.get(key)

@@ -336,7 +336,11 @@ class QueueManager:
                     job.cancel_reason = "timeout"
             return all(job.cancel_reason for job in batch)
 
-        return self.engine.generate([job.spec for job in batch], should_stop)
+        try:
+            return self.engine.generate([job.spec for job in batch], should_stop)
+        finally:  # input images (up to 16 MB decoded each) are not kept for the job's lifetime
+            for job in batch:
+                job.spec = job.spec.without_inputs()
 
     async def _store(self, job: Job, image) -> None:
         self._storing += 1

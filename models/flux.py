@@ -5,6 +5,7 @@ index, `_interrupt`), so the QueueManager calls `generate` from exactly one thre
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -55,6 +56,12 @@ class ImageSpec:
         """Images with the same key can share one pipeline call: same size and schedule, same pipeline (mode and
         strength) and the same adapters at the same scales."""
         return (self.width, self.height, self.steps, self.guidance, self.mode, self.strength, self.loras)
+
+    def without_inputs(self) -> "ImageSpec":
+        """The same spec without its decoded images, for a job kept after rendering."""
+        if self.image is None and self.mask is None:
+            return self
+        return dataclasses.replace(self, image=None, mask=None)
 
 
 @dataclass

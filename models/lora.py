@@ -111,8 +111,11 @@ def read_adapter(path: Path, targets: dict[str, tuple[int, int]], max_rank: int,
             raw = {k: fh.get_tensor(k) for k in keys}
     except LoraError:
         raise
-    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
+    except SafetensorError as exc:  # its messages name the defect, never the path
         raise LoraError(f"{field}: the file is not a readable safetensors file ({str(exc)[:120]})", field) from None
+    except (OSError, ValueError, RuntimeError, TypeError) as exc:  # an OSError's text would hold the path
+        raise LoraError(f"{field}: the file is not a readable safetensors file ({type(exc).__name__})",
+                        field) from None
     if not all(t.is_floating_point() for t in raw.values()):
         raise LoraError(f"{field}: LoRA tensors must be floating point", field)
     from diffusers import FluxPipeline
@@ -120,8 +123,8 @@ def read_adapter(path: Path, targets: dict[str, tuple[int, int]], max_rank: int,
     try:
         converted = FluxPipeline.lora_state_dict(raw)
     except Exception as exc:  # the converter raises anything from KeyError to ValueError on foreign keys
-        raise LoraError(f"{field}: not a FLUX LoRA in a format diffusers reads ({type(exc).__name__}: "
-                        f"{str(exc)[:120]})", field) from None
+        raise LoraError(f"{field}: not a FLUX LoRA in a format diffusers reads ({type(exc).__name__})",
+                        field) from None
     if isinstance(converted, tuple):
         converted = converted[0]
     state = {}
