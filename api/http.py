@@ -20,20 +20,26 @@ JSON_TYPES = ("application/json",)
 LARGE_BODY = 1 << 20
 
 
-async def read_json_object(request: Request, max_bytes: int) -> dict:
-    """The body as a JSON object, or a named 4xx: wrong content type, too large, not JSON, not an object."""
+async def read_json_object(request: Request, max_bytes: int, image_bytes: int = 0) -> dict:
+    """The body as a JSON object, or a named 4xx: wrong content type, too large, not JSON, not an object.
+
+    With image_bytes, a body may be larger by two base64 files of that size (an image and a mask), but only if it
+    carries an `image` or `mask`: every other body keeps max_bytes."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype not in JSON_TYPES and not ctype.endswith("+json"):
         raise UnsupportedMediaType("send the body as JSON with Content-Type: application/json",
                                    field="content-type")
+    limit = max_bytes + image_body_allowance(image_bytes)
+    too_large = PayloadTooLarge(f"the body must be at most {max_bytes} bytes" + (
+        f" ({limit} with an image)" if image_bytes else ""), field="body")
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise PayloadTooLarge(f"the body must be at most {max_bytes} bytes", field="body")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise too_large
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > max_bytes:
-            raise PayloadTooLarge(f"the body must be at most {max_bytes} bytes", field="body")
+        if size > limit:
+            raise too_large
         chunks.append(chunk)
     raw = b"".join(chunks)
     try:
@@ -46,7 +52,14 @@ async def read_json_object(request: Request, max_bytes: int) -> dict:
                           field="body") from None
     if not isinstance(data, dict):
         raise InvalidRequest("the body must be a JSON object", field="body")
+    if size > max_bytes and data.get("image") is None and data.get("mask") is None:
+        raise too_large
     return data
+
+
+def image_body_allowance(image_bytes: int) -> int:
+    """Room for an image and a mask in base64 (4 characters per 3 bytes) with their data-URL prefixes."""
+    return 2 * (4 * -(-image_bytes // 3) + 128) if image_bytes else 0
 
 
 def validation_error(exc: ValidationError) -> InvalidRequest:

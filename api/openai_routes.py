@@ -65,7 +65,7 @@ router = APIRouter()
 
 @router.post("/v1/images/generations")
 async def images_generations(request: Request, rt: Runtime = Depends(get_runtime)):
-    data = await read_json_object(request, rt.settings.request_body_limit)
+    data = await read_json_object(request, rt.settings.max_body_bytes)
     oa = parse_model(OpenAIImageRequest, data)
     width, height = (int(v) for v in (oa.size or "1024x1024").lower().split("x"))
     native = {"prompt": oa.prompt, "width": width, "height": height}

@@ -47,7 +47,7 @@ def _worth_retrying(job: Job) -> bool:
 
 async def submit_request(rt: Runtime, request: Request, route: str) -> tuple[Job, bool]:
     """Validate and enqueue a generation; returns (job, reused) where reused means an Idempotency-Key match."""
-    data = await read_json_object(request, rt.settings.request_body_limit)
+    data = await read_json_object(request, rt.settings.max_body_bytes, rt.settings.max_image_bytes)
     req = parse_generate(data, rt.settings.max_prompt_chars)
     key = idempotency_key(request)
     fingerprint = rt.idempotency.fingerprint(route, data) if key else ""

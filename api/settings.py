@@ -85,7 +85,7 @@ class Settings(BaseSettings):
                                "allocated at this rank so adapters swap without recompiling")
     lora_cache: int = Field(8, ge=1, le=256, description="adapters kept converted in device memory (LRU)")
     max_image_bytes: int = Field(10_000_000, ge=1024, description="largest input image or mask file (decoded "
-                                 "bytes); the body limit grows to fit two of them in base64")
+                                 "bytes); a body with images may exceed max_body_bytes by two of them in base64")
 
     log_level: str = "info"
 
@@ -95,11 +95,6 @@ class Settings(BaseSettings):
         if value is not None and not value.replace("_", "").isalnum():
             raise ValueError("FLUX_WORKER_ID may hold letters, digits and underscores only")
         return value
-
-    @property
-    def request_body_limit(self) -> int:
-        """max_body_bytes plus room for an image and a mask in base64 (4 characters per 3 bytes, data URL prefix)."""
-        return self.max_body_bytes + 2 * (4 * -(-self.max_image_bytes // 3) + 128)
 
     @property
     def job_prefix(self) -> str:

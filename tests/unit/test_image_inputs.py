@@ -201,5 +201,10 @@ async def test_the_body_limit_grows_with_the_image_limit(app_for):
     async with server as http:
         response = await http.post("/generate", json=dict(SMALL, image=big, strength=0.5))
         assert response.status_code == 200, response.text
-        too_big = await http.post("/generate", json=dict(SMALL, prompt="x" * 30_000_000))
-        assert too_big.status_code == 413
+        too_big = await http.post("/generate", json=dict(SMALL, image=big + "A" * 30_000_000))
+        assert too_big.status_code == 413 and too_big.json()["error"]["field"] == "body"
+        # the allowance is for images only: any other body keeps FLUX_MAX_BODY_BYTES
+        padded = await http.post("/generate", json=dict(SMALL, prompt="x" * 70_000))
+        assert padded.status_code == 413 and padded.json()["error"]["field"] == "body"
+        oa = await http.post("/v1/images/generations", json={"prompt": "x", "image": big})
+        assert oa.status_code == 413
