@@ -219,7 +219,13 @@ class LoraSlots:
 
     # ---- per batch --------------------------------------------------------------------------------
     def cached(self) -> list[str]:
-        return list(self._cache)
+        """Read from other threads (/loras, /metrics) while the GPU thread may change the LRU: retry a torn read."""
+        for _ in range(5):
+            try:
+                return list(self._cache)
+            except RuntimeError:
+                continue
+        return []
 
     def _signature(self, name: str) -> tuple:
         path = resolve_file(self.folder, name)
