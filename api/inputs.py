@@ -93,7 +93,7 @@ def fit_size(width: int, height: int) -> tuple[int, int]:
     w, h = width * scale, height * scale
 
     def side(v: float) -> int:
-        return int(min(MAX_SIDE, max(MIN_SIDE, round(v / SIDE_MULTIPLE) * SIDE_MULTIPLE)))
+        return int(min(MAX_SIDE, max(MIN_SIDE, int(v / SIDE_MULTIPLE + 0.5) * SIDE_MULTIPLE)))  # ties up
 
     w16, h16 = side(w), side(h)
     while w16 * h16 > MAX_PIXELS:  # rounding up may cross the limit by a row

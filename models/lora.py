@@ -103,6 +103,16 @@ def read_adapter(path: Path, targets: dict[str, tuple[int, int]], max_rank: int,
     """
     from safetensors import SafetensorError, safe_open
 
+    # the largest file a valid adapter can be: every Linear at max_rank in float32, plus a header; a bigger
+    # file is refused before a byte of it is read into memory
+    bound = max_rank * sum(i + o for i, o in targets.values()) * 4 + (4 << 20)
+    try:
+        size = path.stat().st_size
+    except OSError:
+        raise LoraError(f"{field}: the file cannot be read", field) from None
+    if size > bound:
+        raise LoraError(f"{field}: the file is {size} bytes, larger than any adapter of rank {max_rank} or less for "
+                        f"this model ({bound} bytes)", field)
     try:
         with safe_open(str(path), framework="pt") as fh:
             keys = list(fh.keys())

@@ -11,7 +11,7 @@ from PIL import Image
 from api.app import create_app
 from tests.unit.support import SMALL, PreloadedEngine, make_settings, png_image, serve
 
-pytestmark = pytest.mark.anyio
+pytestmark = pytest.mark.anyio  # the sync tests below are plain functions
 
 
 def encoded(image: Image.Image, fmt: str = "PNG", **save) -> str:
@@ -208,3 +208,18 @@ async def test_the_body_limit_grows_with_the_image_limit(app_for):
         assert padded.status_code == 413 and padded.json()["error"]["field"] == "body"
         oa = await http.post("/v1/images/generations", json={"prompt": "x", "image": big})
         assert oa.status_code == 413
+
+
+@pytest.mark.parametrize("size", [(1, 1), (255, 257), (300, 200), (2048, 2048), (4000, 100), (100, 4000),
+                                  (2049, 1953), (1000, 1000), (7000, 20)])
+def test_an_images_own_size_becomes_a_servable_one(size):
+    from api.inputs import fit_size
+    from api.schemas import MAX_PIXELS, MAX_SIDE, MIN_SIDE
+
+    w, h = fit_size(*size)
+    assert MIN_SIDE <= w <= MAX_SIDE and MIN_SIDE <= h <= MAX_SIDE and w % 16 == 0 and h % 16 == 0
+    assert w * h <= MAX_PIXELS
+    if size == (300, 200):
+        assert (w, h) == (384, 256)
+    if size == (1000, 1000):
+        assert (w, h) == (1008, 1008)

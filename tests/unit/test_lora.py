@@ -54,6 +54,8 @@ def lora_engine(lora_dir, bf16_engine):
     first = next(k for k in nan if "lora_B" in k)
     nan[first] = nan[first].clone().fill_(math.nan)
     save_file(nan, str(lora_dir / "nan.safetensors"))
+    with open(lora_dir / "huge.safetensors", "wb") as fh:  # sparse: larger than any rank-16 adapter of the model
+        fh.truncate(64 << 20)
     outside = lora_dir.parent / "outside.safetensors"
     peft_adapter(tr, outside, rank=4, seed=6)
     (lora_dir / "escape.safetensors").symlink_to(outside)
@@ -195,6 +197,7 @@ BAD = [
     ([{"name": "wrong-shape"}], "loras.0.name", "shapes"),
     ([{"name": "too-big"}], "loras.0.name", "rank 32 is above"),
     ([{"name": "nan"}], "loras.0.name", "NaN"),
+    ([{"name": "huge"}], "loras.0.name", "larger than any adapter"),
     ({"name": "style-a"}, "loras", "list"),
 ]
 
