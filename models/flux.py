@@ -277,7 +277,7 @@ class FluxEngine:
             # the queue they would wait for a recompile (measured 13-30 s on H100) while /health says ready.
             self.generate([spec] * self.config.warmup_batch)
         if spec is not None and self.loras is not None:
-            self._warm_loras(spec)
+            self._warm_loras(sizes, spec)
         self._prompt_cache.clear()
         self.compiles_at_ready = compile_events.count()
         return time.perf_counter() - started
@@ -367,11 +367,15 @@ class FluxEngine:
                 "this worker serves no LoRA adapters (FLUX_LORA_DIR is not set)"
             raise LoraError(f"loras: {why}", "loras")
 
-    def _warm_loras(self, spec: ImageSpec) -> None:
-        """One step with the (zeroed) slots enabled, so the LoRA variant of the graph is compiled before ready."""
+    def _warm_loras(self, sizes, spec: ImageSpec) -> None:
+        """The warm-up again with the (zeroed) slots enabled: the LoRA variant of every compiled graph (each size,
+        and the batch) is compiled before /health says ready, so no adapter request waits for a compile."""
         self.loras.pipe.enable_lora()
         try:
-            self.generate([spec])
+            for width, height in sizes:
+                self.generate([dataclasses.replace(spec, width=width, height=height)])
+            if self.config.warmup_batch > 1:
+                self.generate([spec] * self.config.warmup_batch)
         finally:
             self.loras.pipe.disable_lora()
 

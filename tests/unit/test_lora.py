@@ -27,8 +27,10 @@ def lora_dir(tmp_path_factory):
 
 
 def _engine(lora_dir, **config) -> FluxEngine:
-    engine = FluxEngine(EngineConfig(model="dummy:tiny", device="cpu", warmup_sizes=((256, 256),), warmup_steps=1,
-                                     lora_dir=str(lora_dir), lora_max_rank=MAX_RANK, lora_cache=2, **config))
+    values = dict(model="dummy:tiny", device="cpu", warmup_sizes=((256, 256),), warmup_steps=1,
+                  lora_dir=str(lora_dir), lora_max_rank=MAX_RANK, lora_cache=2)
+    values.update(config)
+    engine = FluxEngine(EngineConfig(**values))
     engine.load()
     engine.warmup()
     return engine
@@ -108,13 +110,17 @@ def test_the_device_cache_is_an_lru_of_the_configured_size(lora_engine):
 def test_switching_adapters_never_recompiles(lora_dir, lora_engine):
     """torch.compile with the eager backend (dynamo's guards and recompiles are the same as inductor's; only the
     code generation is skipped, so it runs on 2 CPU cores in seconds)."""
-    engine = _engine(lora_dir, compile=True, compile_backend="eager")
+    engine = _engine(lora_dir, compile=True, compile_backend="eager", warmup_sizes=((320, 256), (256, 256)),
+                     warmup_batch=2)
     assert engine.info.compiled
     assert compile_events.count() > 0  # the blocks were compiled during warm-up: the counter sees compiles
     before, structure = compile_events.count(), engine.loras.structure()
     sequence = [[("style-a", 1.0)], [("style_b", 0.5)], [], [("style-a", 0.3), ("style.c", 1.2)], [("kohya", -1.0)],
                 [("style.c", 2.0), ("style_b", 1.0), ("style-a", -0.5)], [("style-a", 0.0)], []] * 2
     images = [_render(engine, loras) for loras in sequence]
+    wide = dataclasses.replace(SPEC, width=320, loras=(("style_b", 1.0),))
+    engine.generate([wide])  # another warmed-up size, and a batch of two, with an adapter
+    engine.generate([wide, dataclasses.replace(wide, seed=12)])
     assert compile_events.count() == before, "a request recompiled the transformer"
     assert engine.lora_stats()["compiles_after_ready"] == 0
     assert engine.loras.structure() == structure
