@@ -17,7 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api import __version__, jobs, openai_routes, routes
+from api import __version__, jobs, lora_routes, openai_routes, routes
 from api.errors import ApiError, InvalidRequest, NotFound
 from api.jobstore import JobStore
 from api.runtime import Runtime, WorkerState
@@ -36,6 +36,8 @@ def build_engine(settings: Settings) -> FluxEngine:
         compile_cache_dir=settings.compile_cache_dir, fuse_qkv=settings.fuse_qkv,
         attention_backend=settings.attention_backend, compile_mode=settings.compile_mode or None,
         compile_vae=settings.compile_vae, compile_dynamic=settings.compile_dynamic,
+        lora_dir=settings.lora_dir, lora_slots=settings.max_loras_per_request, lora_max_rank=settings.lora_max_rank,
+        lora_cache=settings.lora_cache,
     )
     if settings.parallel != "off":
         from models.parallel import GroupConfig, ParallelEngine
@@ -154,6 +156,7 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     app.include_router(routes.router)
     app.include_router(jobs.router)
     app.include_router(openai_routes.router)
+    lora_routes.install(app, rt)
 
     @app.get("/metrics")
     async def metrics():

@@ -4,6 +4,7 @@ Waiting on a job, admission and ownership live in api/service.py."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 import json
 import re
@@ -20,26 +21,34 @@ from api.schemas import MAX_PIXELS, MAX_SEED, GenerateRequest
 from models.flux import ImageSpec
 
 JSON_TYPES = ("application/json",)
+LARGE_BODY = 1 << 20
 
 
-async def read_json_object(request: Request, max_bytes: int) -> dict:
-    """The body as a JSON object, or a named 4xx: wrong content type, too large, not JSON, not an object."""
+async def read_json_object(request: Request, max_bytes: int, image_bytes: int = 0) -> dict:
+    """The body as a JSON object, or a named 4xx: wrong content type, too large, not JSON, not an object.
+
+    With image_bytes, a body may be larger by two base64 files of that size (an image and a mask), but only if it
+    carries an `image` or `mask`: every other body keeps max_bytes."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype not in JSON_TYPES and not ctype.endswith("+json"):
         raise UnsupportedMediaType("send the body as JSON with Content-Type: application/json",
                                    field="content-type")
+    limit = max_bytes + image_body_allowance(image_bytes)
+    too_large = PayloadTooLarge(f"the body must be at most {max_bytes} bytes" + (
+        f" ({limit} with an image)" if image_bytes else ""), field="body")
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise PayloadTooLarge(f"the body must be at most {max_bytes} bytes", field="body")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise too_large
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > max_bytes:
-            raise PayloadTooLarge(f"the body must be at most {max_bytes} bytes", field="body")
+        if size > limit:
+            raise too_large
         chunks.append(chunk)
     raw = b"".join(chunks)
     try:
-        data = json.loads(raw)
+        # a body with images can be megabytes: parse those off the event loop, so other requests keep moving
+        data = json.loads(raw) if size < LARGE_BODY else await asyncio.to_thread(json.loads, raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidJson(f"the body is not valid JSON: {exc}", field="body") from None
     except (ValueError, RecursionError):  # a number over 4300 digits, or nesting deeper than the parser goes
@@ -47,7 +56,14 @@ async def read_json_object(request: Request, max_bytes: int) -> dict:
                           field="body") from None
     if not isinstance(data, dict):
         raise InvalidRequest("the body must be a JSON object", field="body")
+    if size > max_bytes and data.get("image") is None and data.get("mask") is None:
+        raise too_large
     return data
+
+
+def image_body_allowance(image_bytes: int) -> int:
+    """Room for an image and a mask in base64 (4 characters per 3 bytes) with their data-URL prefixes."""
+    return 2 * (4 * -(-image_bytes // 3) + 128) if image_bytes else 0
 
 
 def validation_error(exc: ValidationError) -> InvalidRequest:
@@ -79,12 +95,14 @@ def parse_generate(data: dict, max_prompt_chars: int) -> GenerateRequest:
     return req
 
 
-def make_spec(req: GenerateRequest, info) -> ImageSpec:
+def make_spec(req: GenerateRequest, info, inputs: dict | None = None) -> ImageSpec:
+    """`inputs` is what api.inputs.prepare_inputs made of the request: checked adapters, decoded images."""
     seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1)
+    extra = dict(inputs or {})
     return ImageSpec(
-        prompt=req.prompt, seed=seed, width=req.width, height=req.height,
+        prompt=req.prompt, seed=seed, width=extra.pop("width", req.width), height=extra.pop("height", req.height),
         steps=req.num_inference_steps or info.default_steps,
-        guidance=req.guidance_scale if req.guidance_scale is not None else info.default_guidance,
+        guidance=req.guidance_scale if req.guidance_scale is not None else info.default_guidance, **extra,
     )
 
 
@@ -192,7 +210,8 @@ class IdempotencyStore:
 
     @staticmethod
     def fingerprint(route: str, data: dict) -> str:
-        return route + json.dumps(data, sort_keys=True, separators=(",", ":"))
+        # a digest: a body can carry megabytes of image, which must not be kept once per key
+        return hashlib.sha256((route + json.dumps(data, sort_keys=True, separators=(",", ":"))).encode()).hexdigest()
 
     def lookup(self, key: str, fingerprint: str) -> list[str] | None:
         entry = self._entries.get(key)

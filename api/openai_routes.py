@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.errors import InvalidRequest, StorageError
+from api.inputs import prepare_inputs
 from api.http import make_spec, output_options, parse_generate, parse_model, read_json_object
 from api.runtime import get_service
 from api.schemas import OutputFormat
@@ -39,6 +40,7 @@ class OpenAIImageRequest(BaseModel):
     user: str | None = None
     output_format: OutputFormat | None = None
     output_compression: int | None = Field(None, ge=0, le=100, strict=True)
+    loras: list | None = None  # extension: checked as the native field (api/schemas.py LoraRef)
 
     @field_validator("size")
     @classmethod
@@ -72,6 +74,8 @@ async def images_generations(request: Request, service: ImageService = Depends(g
         native["output_format"] = oa.output_format
     if oa.output_compression is not None:  # OpenAI's compression percentage; ours is a quality
         native["output_quality"] = max(1, 100 - oa.output_compression)
+    if oa.loras is not None:
+        native["loras"] = oa.loras
     try:
         req = parse_generate(native, rt.settings.max_prompt_chars)
         output = output_options(req, rt.settings)
@@ -79,10 +83,12 @@ async def images_generations(request: Request, service: ImageService = Depends(g
         field = {"width": "size", "height": "size", "output_quality": "output_compression"}.get(exc.field, exc.field)
         raise InvalidRequest(exc.message.replace(f"{exc.field}:", f"{field}:", 1), field=field) from None
 
+    inputs = await prepare_inputs(req, rt)  # adapters checked, images decoded: once for all n
+
     def specs():
-        first = make_spec(req, rt.info)
+        first = make_spec(req, rt.info, inputs)
         if oa.seed is None:
-            return [first] + [make_spec(req, rt.info) for _ in range(oa.n - 1)]
+            return [first] + [make_spec(req, rt.info, inputs) for _ in range(oa.n - 1)]
         return [dataclasses.replace(first, seed=(oa.seed + i) % 2**32) for i in range(oa.n)]
 
     jobs, _ = service.admit(request, "/v1/images/generations", data, specs, output)  # all n images or none

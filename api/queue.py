@@ -27,6 +27,7 @@ from api.errors import (ApiError, Cancelled, Draining, GenerationFailed, Invalid
                         QueueFull, Timeout, WorkerFailed)
 from api.storage import ImageStore
 from models.flux import EngineOutOfMemory, GenerationInterrupted, ImageSpec
+from models.lora import LoraError
 
 log = logging.getLogger(__name__)
 
@@ -412,7 +413,11 @@ class QueueManager:
             now = time.monotonic()  # the deadline timer may not have run yet when the loop is busy
             return all(job.cancel_reason or now > job.deadline for job in batch)
 
-        return self.engine.generate([job.spec for job in batch], should_stop)
+        try:
+            return self.engine.generate([job.spec for job in batch], should_stop)
+        finally:  # input images (up to 16 MB decoded each) are not kept for the job's lifetime
+            for job in batch:
+                job.spec = job.spec.without_inputs()
 
     @staticmethod
     def _progress(batch: list[Job], step: int) -> None:
@@ -459,6 +464,10 @@ class QueueManager:
                 if not job.cancel_reason and now > job.deadline:
                     job.cancel_reason = "timeout"
                 self._finish_cancelled(job)
+            return
+        if isinstance(exc, LoraError):  # an adapter file changed after admission: the request's fault, not the GPU's
+            for job in batch:
+                self._finish(job, JobStatus.failed, InvalidRequest(exc.message, field=exc.field))
             return
         if isinstance(exc, EngineOutOfMemory):
             error: ApiError = OutOfMemory("the GPU ran out of memory for this request; retry, or use a smaller "

@@ -44,7 +44,7 @@ async def root(rt: Runtime = Depends(get_runtime)):
         "default_steps": info.default_steps if info else None,
         "notes": info.notes if info else [],
         "endpoints": ["/generate", "/jobs", "/v1/images/generations", "/health", "/live", "/queue-stats",
-                      "/metrics", "/images/{name}"],
+                      "/metrics", "/images/{name}", "/loras"],
     }
 
 

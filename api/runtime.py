@@ -12,6 +12,7 @@ import time
 from fastapi import Request
 
 from api.http import IdempotencyStore
+from api.loras import LoraRegistry
 from api.metrics import Metrics
 from api.service import ImageService
 from api.settings import Settings
@@ -41,6 +42,7 @@ class Runtime:
         self.idempotency = IdempotencyStore(ttl_s=settings.job_ttl_s)
         self.jobstore = None  # api/jobstore.JobStore, opened in the lifespan
         self.service = ImageService(self)
+        self.loras = LoraRegistry(settings, engine)
         self.trusted_proxies = frozenset(p.strip() for p in settings.trusted_proxies.split(",") if p.strip())
         gpu = "cpu" if settings.gpu_index is None else str(settings.gpu_index)
         self.metrics = Metrics(gpu=gpu, precision=settings.precision)

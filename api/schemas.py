@@ -13,6 +13,26 @@ MAX_GUIDANCE = 30.0
 OutputFormat = Literal["png", "jpeg", "webp"]
 
 
+MAX_LORA_SCALE = 2.0
+MAX_LORAS_FIELD = 16  # a hard bound on the list; the worker's own limit (FLUX_MAX_LORAS_PER_REQUEST) is lower
+
+
+class LoraRef(BaseModel):
+    """One adapter of a request: a file name in the worker's FLUX_LORA_DIR (without .safetensors) and its scale."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    name: str = Field(max_length=64)
+    scale: float = Field(1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE)
+
+    @field_validator("scale")
+    @classmethod
+    def _finite_scale(cls, value: float) -> float:
+        if value != value:
+            raise ValueError("must be a finite number")
+        return value
+
+
 class GenerateRequest(BaseModel):
     """POST /generate and POST /jobs. Strict types: "512" is not a width, true is not a seed."""
 
@@ -28,6 +48,12 @@ class GenerateRequest(BaseModel):
     output_format: OutputFormat | None = Field(None, description="png (lossless), jpeg or webp; default: the "
                                                "worker's FLUX_OUTPUT_FORMAT")
     output_quality: int | None = Field(None, ge=1, le=100, description="jpeg/webp quality; default: the worker's")
+    loras: list[LoraRef] | None = Field(None, max_length=MAX_LORAS_FIELD, description="LoRA adapters to apply")
+    image: str | None = Field(None, description="input image: base64 PNG/JPEG/WebP, a data URL, or the name of an "
+                              "image this service generated; turns the request into image-to-image")
+    mask: str | None = Field(None, description="inpainting mask (same forms as image): white is re-drawn")
+    strength: float | None = Field(None, gt=0.0, le=1.0, description="share of the input image re-drawn; "
+                                   "default 0.8")
 
     @field_validator("prompt")
     @classmethod
@@ -49,7 +75,7 @@ class GenerateRequest(BaseModel):
             raise ValueError(f"must be a multiple of {SIDE_MULTIPLE}")
         return value
 
-    @field_validator("guidance_scale", "timeout_s")
+    @field_validator("guidance_scale", "timeout_s", "strength")
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
         if value is not None and value != value:

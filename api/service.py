@@ -28,6 +28,7 @@ from fastapi.responses import StreamingResponse
 from api.errors import Cancelled, NotFound, TooManyStreams
 from api.http import (base_url, ensure_accepting, idempotency_key, job_error, make_spec, output_options,
                       parse_generate, read_json_object)
+from api.inputs import prepare_inputs
 from api.queue import FINAL, Job, JobStatus
 from models.flux import ImageSpec
 
@@ -78,7 +79,7 @@ class ImageService:
     # ---- admission ------------------------------------------------------------------------------
     async def read_generate(self, request: Request):
         """The native body (/generate, /jobs): parsed and validated, or a named 4xx."""
-        data = await read_json_object(request, self.rt.settings.max_body_bytes)
+        data = await read_json_object(request, self.rt.settings.max_body_bytes, self.rt.settings.max_image_bytes)
         return data, parse_generate(data, self.rt.settings.max_prompt_chars)
 
     def admit(self, request: Request, route: str, data: dict, make_specs: Callable[[], list[ImageSpec]],
@@ -106,7 +107,8 @@ class ImageService:
     async def submit_native(self, request: Request, route: str, *, detached: bool) -> tuple[Job, bool]:
         data, req = await self.read_generate(request)
         output = output_options(req, self.rt.settings)
-        jobs, reused = self.admit(request, route, data, lambda: [make_spec(req, self.rt.info)], output,
+        inputs = await prepare_inputs(req, self.rt)  # adapters checked against their files, input images decoded
+        jobs, reused = self.admit(request, route, data, lambda: [make_spec(req, self.rt.info, inputs)], output,
                                   timeout_s=req.timeout_s, detached=detached)
         return jobs[0], reused
 

@@ -117,6 +117,16 @@ class Settings(BaseSettings):
     max_event_streams_per_key: int = Field(64, ge=1, description="open event streams per API key (per client "
                                            "address when keys are off); past it 429 too_many_streams")
 
+    # custom models: LoRA adapters and input images (docs/API.md, docs/OPERATIONS.md)
+    lora_dir: str | None = Field(None, description="folder of LoRA adapters, NAME.safetensors each; unset: no LoRAs")
+    max_loras_per_request: int = Field(3, ge=1, le=8, description="adapters one request may combine (one "
+                                       "device slot each, allocated at load)")
+    lora_max_rank: int = Field(64, ge=1, le=512, description="highest adapter rank served; every slot is "
+                               "allocated at this rank so adapters swap without recompiling")
+    lora_cache: int = Field(8, ge=1, le=256, description="adapters kept converted in device memory (LRU)")
+    max_image_bytes: int = Field(10_000_000, ge=1024, description="largest input image or mask file (decoded "
+                                 "bytes); a body with images may exceed max_body_bytes by two of them in base64")
+
     log_level: str = "info"
 
     @field_validator("worker_id")

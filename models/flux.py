@@ -6,6 +6,7 @@ index, `_interrupt`), so the QueueManager calls `generate` from exactly one thre
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
@@ -15,13 +16,21 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 
-from models import dummy, precision as prec
+from models import compile_events, dummy, precision as prec
+from models.lora import LoraError, LoraSlots
 
 log = logging.getLogger(__name__)
+
+
+# Measured on dummy:tiny: loading an adapter into PEFT's bitsandbytes 4-bit LoRA layers rewrites the base
+# weights' quantization statistics (nested_absmax), so the base model's images change after the first LoRA request.
+LORA_FP4_REFUSAL = ("fp4 workers do not serve LoRA adapters: loading one into bitsandbytes 4-bit layers changes the "
+                    "base model's quantization statistics; send LoRA requests to a bf16 or fp8 worker")
 
 
 class GenerationInterrupted(Exception):
@@ -40,11 +49,23 @@ class ImageSpec:
     height: int
     steps: int
     guidance: float
+    mode: str = "text"  # text, img2img, inpaint
+    strength: float = 1.0  # img2img/inpaint: how much of the input image is re-drawn
+    loras: tuple[tuple[str, float], ...] = ()  # (adapter name, scale), in request order
+    image: Any = field(default=None, compare=False, repr=False)  # PIL RGB, already at width x height
+    mask: Any = field(default=None, compare=False, repr=False)  # PIL L, white = re-draw
 
     @property
     def batch_key(self) -> tuple:
-        """Images with the same key can share one pipeline call."""
-        return (self.width, self.height, self.steps, self.guidance)
+        """Images with the same key can share one pipeline call: same size and schedule, same pipeline (mode and
+        strength) and the same adapters at the same scales."""
+        return (self.width, self.height, self.steps, self.guidance, self.mode, self.strength, self.loras)
+
+    def without_inputs(self) -> "ImageSpec":
+        """The same spec without its decoded images, for a job kept after rendering."""
+        if self.image is None and self.mask is None:
+            return self
+        return dataclasses.replace(self, image=None, mask=None)
 
 
 @dataclass
@@ -66,6 +87,11 @@ class EngineConfig:
     # dimensions up front, so the warm-up compiles once instead of once per size (and once more per batch).
     compile_dynamic: bool = True
     compile_vae: bool = False  # torch.compile the VAE decoder too (GPU only)
+    lora_dir: str | None = None  # folder of NAME.safetensors adapters; None: no LoRA slots, no LoRA requests
+    lora_slots: int = 3  # adapters one request may combine (FLUX_MAX_LORAS_PER_REQUEST)
+    lora_max_rank: int = 64  # every slot is allocated at this rank (hot-swap pads smaller adapters)
+    lora_cache: int = 8  # converted adapters kept on the device (LRU)
+    compile_backend: str | None = None  # tests only: a torch.compile backend (e.g. "eager") that also runs on CPU
 
 
 @dataclass
@@ -143,6 +169,9 @@ class FluxEngine:
         self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.prompt_cache_hits = 0
         self.prompt_cache_misses = 0
+        self.loras: LoraSlots | None = None
+        self._derived_pipes: dict[str, Any] = {}
+        self.compiles_at_ready: int | None = None
         self._progress: dict = {"phase": "loading", "started_at": time.time()}
         self._progress_lock = threading.Lock()
 
@@ -198,8 +227,13 @@ class FluxEngine:
             fuse_qkv(pipe.transformer)
             pipe.transformer.eval().requires_grad_(False)  # the fused layers are created in train mode
             self.release_memory()  # the unfused weights sit in reference cycles until collected
+        if cfg.lora_dir:
+            if precision == "fp4":
+                notes.append(LORA_FP4_REFUSAL)
+            else:  # before fp8 (which then quantizes the base layers only) and before compile
+                self._install_loras(pipe, device, dtype)
         if precision == "fp8":
-            prec.apply_fp8(pipe.transformer)
+            prec.apply_fp8(pipe.transformer, skip_lora=self.loras is not None)
         if device.type == "cuda":
             pipe.vae.to(memory_format=torch.channels_last)
             if custom_attention:
@@ -209,8 +243,9 @@ class FluxEngine:
         pipe.set_progress_bar_config(disable=True)
         self._before_compile(pipe, device, notes)
         compiled = False
+        compile_events.install()
         if cfg.compile:
-            if device.type == "cuda":
+            if device.type == "cuda" or cfg.compile_backend:
                 self._enable_compile(pipe, precision)
                 compiled = True
             else:
@@ -259,6 +294,8 @@ class FluxEngine:
         options = {"mode": self.config.compile_mode} if self.config.compile_mode else {}
         if self.config.compile_dynamic:
             options["dynamic"] = True
+        if self.config.compile_backend:
+            options["backend"] = self.config.compile_backend
         pipe.transformer.compile_repeated_blocks(fullgraph=True, **options)
         if self.config.compile_vae:
             pipe.vae.decoder = torch.compile(pipe.vae.decoder, dynamic=self.config.compile_dynamic)
@@ -364,7 +401,10 @@ class FluxEngine:
         took: dict[str, float] = {}
         with self._compile_turn(first_time=not expected):
             self._run_warmup(plan, expected, took)
+            if self.loras is not None:
+                self._warm_loras(plan, expected, took)
         self._prompt_cache.clear()
+        self.compiles_at_ready = compile_events.count()
         total = time.perf_counter() - started
         with self._progress_lock:
             for key in ("item", "expected_s", "item_started_at"):
@@ -408,9 +448,9 @@ class FluxEngine:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-    def _run_warmup(self, plan, expected: dict, took: dict) -> None:
+    def _run_warmup(self, plan, expected: dict, took: dict, suffix: str = "") -> None:
         for done, (width, height, batch) in enumerate(plan):
-            item = f"{width}x{height}" + (f" batch {batch}" if batch > 1 else "")
+            item = f"{width}x{height}" + (f" batch {batch}" if batch > 1 else "") + suffix
             self._set_progress(phase="warmup", item=item, done=done, total=len(plan),
                                expected_s=expected.get(item), item_started_at=time.time())
             spec = ImageSpec(prompt="warm-up", seed=0, width=width, height=height,
@@ -446,10 +486,13 @@ class FluxEngine:
         """Render one batch of compatible images; `should_stop(step, total)` runs after each denoising step."""
         if not specs:
             return []
-        key = specs[0].batch_key
+        first = specs[0]
+        key = first.batch_key
         if any(s.batch_key != key for s in specs):
-            raise ValueError("a batch must share width, height, steps and guidance")
-        width, height, steps, guidance = key
+            raise ValueError("a batch must share width, height, steps, guidance, mode, strength and adapters")
+        width, height, steps, guidance = first.width, first.height, first.steps, first.guidance
+        pipe, extra = self._pipe_for(specs)
+        self._apply_loras(first.loras)
         generators = [torch.Generator("cpu").manual_seed(s.seed) for s in specs]
 
         def on_step_end(pipe, step_index, timestep, callback_kwargs):
@@ -460,11 +503,11 @@ class FluxEngine:
         try:
             with torch.inference_mode():
                 embeds, pooled = self._encode([s.prompt for s in specs])
-                out = self.pipe(
+                out = pipe(
                     prompt_embeds=embeds, pooled_prompt_embeds=pooled, width=width, height=height,
                     num_inference_steps=steps, guidance_scale=guidance, generator=generators,
                     max_sequence_length=self.info.max_sequence_length, output_type="pil",
-                    callback_on_step_end=on_step_end,
+                    callback_on_step_end=on_step_end, **extra,
                 )
             return out.images
         except Exception as exc:
@@ -486,3 +529,56 @@ class FluxEngine:
             "reserved_mb": round(torch.cuda.memory_reserved(self.device) / 2**20, 1),
             "peak_allocated_mb": round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1),
         }
+
+    # ---- LoRA adapters (models/lora.py) ------------------------------------------------------------
+    def _install_loras(self, pipe, device, dtype) -> None:
+        cfg = self.config
+        self.loras = LoraSlots(pipe, Path(cfg.lora_dir), slots=cfg.lora_slots, max_rank=cfg.lora_max_rank,
+                               cache_size=cfg.lora_cache, device=device, dtype=dtype)
+        self.loras.install()
+
+    def _apply_loras(self, loras: tuple[tuple[str, float], ...]) -> None:
+        if self.loras is not None:
+            self.loras.apply(loras)
+        elif loras:
+            why = LORA_FP4_REFUSAL if self.info and self.info.precision == "fp4" else \
+                "this worker serves no LoRA adapters (FLUX_LORA_DIR is not set)"
+            raise LoraError(f"loras: {why}", "loras")
+
+    def _warm_loras(self, plan, expected: dict, took: dict) -> None:
+        """The warm-up again with the (zeroed) slots enabled: the LoRA variant of every compiled graph (each size,
+        and the batch) is compiled before /health says ready, so no adapter request waits for a compile."""
+        self.loras.pipe.enable_lora()
+        try:
+            self._run_warmup(plan, expected, took, suffix=" with LoRA slots")
+        finally:
+            self.loras.pipe.disable_lora()
+
+    def lora_stats(self) -> dict:
+        stats = self.loras.stats() if self.loras is not None else {}
+        stats["compiles_total"] = compile_events.count()
+        stats["compiles_after_ready"] = None if self.compiles_at_ready is None else \
+            compile_events.count() - self.compiles_at_ready
+        return stats
+
+    # ---- image-to-image and inpainting -----------------------------------------------------------
+    def _pipe_for(self, specs: list[ImageSpec]):
+        """The pipeline of a batch's mode and its extra arguments. Img2img and inpaint pipelines are built once
+        from the loaded pipeline's modules (from_pipe): the same transformer object, no second copy of weights."""
+        mode = specs[0].mode
+        if mode == "text":
+            return self.pipe, {}
+        if mode not in ("img2img", "inpaint"):
+            raise ValueError(f"unknown mode {mode!r}")
+        pipe = self._derived_pipes.get(mode)
+        if pipe is None:
+            from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline
+
+            cls = FluxImg2ImgPipeline if mode == "img2img" else FluxInpaintPipeline
+            pipe = cls.from_pipe(self.pipe)
+            pipe.set_progress_bar_config(disable=True)
+            self._derived_pipes[mode] = pipe
+        extra = {"image": [s.image for s in specs], "strength": specs[0].strength}
+        if mode == "inpaint":
+            extra["mask_image"] = [s.mask for s in specs]
+        return pipe, extra

@@ -67,9 +67,16 @@ bad_timeout = (not_number_nor_null | nan | st.floats(max_value=0.0) | st.floats(
                | st.integers(max_value=0) | st.integers(min_value=3601))
 bad_format = not_str_nor_null | strings.filter(lambda s: s not in ("png", "jpeg", "webp"))
 bad_quality = not_int_nor_null | st.integers(max_value=0) | st.integers(min_value=101)
+# the custom-model fields: this worker has no FLUX_LORA_DIR (any adapter is refused) and the base body no image
+# (a mask or strength alone is refused); a random string is never a decodable image nor a stored image's name
+bad_loras = not_str_nor_null.filter(lambda v: not isinstance(v, list)) | strings | st.lists(
+    json_values | st.fixed_dictionaries({"name": strings}, optional={"scale": json_values}), min_size=1, max_size=5)
+bad_image = not_str_nor_null | strings
+bad_strength = not_number_nor_null | nan | st.floats() | st.integers()
 NATIVE_BAD = {"prompt": bad_prompt, "width": bad_side, "height": bad_side, "seed": bad_seed,
               "num_inference_steps": bad_steps, "guidance_scale": bad_guidance, "timeout_s": bad_timeout,
-              "output_format": bad_format, "output_quality": bad_quality}
+              "output_format": bad_format, "output_quality": bad_quality, "loras": bad_loras, "image": bad_image,
+              "mask": bad_image, "strength": bad_strength}
 
 side_ints = st.integers(0, 99999)
 bad_size = (not_str_nor_null
@@ -87,6 +94,7 @@ OPENAI_BAD = {
     "model": not_str_nor_null, "quality": not_str_nor_null, "style": not_str_nor_null, "user": not_str_nor_null,
     "output_format": not_str_nor_null | strings.filter(lambda s: s not in ("png", "jpeg", "webp")),
     "output_compression": not_int_nor_null | st.integers(max_value=-1) | st.integers(min_value=101),
+    "loras": bad_loras,
 }
 
 JSONISH = re.compile(r"^(application/json|.*\+json)$")

@@ -134,3 +134,17 @@ def test_encode_bench_times_every_format_on_both_images(tmp_path):
         (image, fmt) for image in ("random pixels", "gradient")
         for fmt in ("png (served)", "png Pillow 1", "png level 6", "jpeg", "webp")}
     assert all(r["ms"] >= 0 and r["kib"] >= 0 for r in rows)
+
+
+def test_lora_bench_smoke_measures_every_figure(tmp_path):
+    out = tmp_path / "lora.json"
+    done = run_module(["bench.lora", "--smoke", "--json", str(out)], timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    check_header(doc, "bench.lora", "bench.lora")
+    assert doc["config"]["model"] == "dummy:tiny" and doc["errors"] == []
+    assert [r["rank"] for r in doc["results"]] == [4, 8]
+    for row in doc["results"]:
+        assert row["base_s"] > 0 and row["first_use_s"] > 0 and row["switch_s"] > 0 and row["image_s"] > 0
+    assert doc["compiles_after_ready"] == 0
+    assert doc["lora_stats"]["misses"] >= 4 and doc["lora_stats"]["hits"] > 0
