@@ -15,10 +15,16 @@ from tests.production.conftest import LONG_JOB, QUICK_JOB, Worker, assert_error,
 EXIT_SLACK_S = 10  # after the drain: uvicorn's shutdown and the interpreter's teardown (torch) on a busy CPU
 
 
-def post_all(worker: Worker, bodies: list[dict]) -> tuple[concurrent.futures.Executor, list]:
+def post_all(worker: Worker, bodies: list[dict], *, first_running: bool = False
+             ) -> tuple[concurrent.futures.Executor, list]:
+    """POSTs the bodies concurrently. first_running: the first body is on the GPU before the others are sent
+    (concurrent requests reach the worker in any order, so only then is it known which one runs)."""
     pool = concurrent.futures.ThreadPoolExecutor(len(bodies))
     client = httpx.Client(base_url=worker.url, timeout=120, limits=httpx.Limits(max_connections=len(bodies)))
-    return pool, [pool.submit(client.post, "/generate", json=body) for body in bodies]
+    futures = [pool.submit(client.post, "/generate", json=bodies[0])]
+    if first_running:
+        wait_until(lambda: worker.stats()["running"] == 1, 20, what="the first request running")
+    return pool, futures + [pool.submit(client.post, "/generate", json=body) for body in bodies[1:]]
 
 
 def accepted(worker: Worker, count: int) -> bool:
@@ -72,7 +78,7 @@ def test_sigterm_exits_by_the_drain_deadline_and_still_answers_everyone(workdir)
     start_all(w)
     try:
         bodies = [LONG_JOB, dict(LONG_JOB, seed=2, num_inference_steps=99), dict(QUICK_JOB, seed=3)]
-        pool, futures = post_all(w, bodies)
+        pool, futures = post_all(w, bodies, first_running=True)
         wait_until(lambda: w.stats()["running"] == 1 and w.stats()["queued"] == 2, 20,
                    what="one request running, two waiting")
         signalled = time.monotonic()
