@@ -6,8 +6,6 @@ upstreams for every body shape, then with real dummy:tiny workers serving real a
 the workers' adapter-load counters show what the routing saves."""
 from __future__ import annotations
 
-import base64
-import io
 import json
 import random
 import re
@@ -192,15 +190,19 @@ CACHE = 3
 QUICK = {"width": 256, "height": 256, "num_inference_steps": 1, "seed": 1}
 
 
-def _make_adapters(folder: Path, names: list[str]) -> None:
+def _tiny_transformer():
     import torch
     from diffusers import FluxTransformer2DModel
 
-    from bench.lora_files import peft_adapter
     from models.dummy import SPECS
 
     with torch.device("meta"):
-        transformer = FluxTransformer2DModel.from_config(SPECS["tiny"].transformer)
+        return FluxTransformer2DModel.from_config(SPECS["tiny"].transformer)
+
+
+def _make_adapters(transformer, folder: Path, names: list[str]) -> None:
+    from bench.lora_files import peft_adapter
+
     for i, name in enumerate(names):
         peft_adapter(transformer, folder / f"{name}.safetensors", rank=4, seed=i)
 
@@ -212,13 +214,14 @@ def lora_fleet(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("affinity-workers")
     folder = tmp / "loras"
     folder.mkdir()
+    transformer = _tiny_transformer()  # the imports first: the workers' ports are free only until they start
     procs = [Proc(f"w{i}", tmp, {"FLUX_LORA_DIR": str(folder), "FLUX_LORA_CACHE": str(CACHE),
                                  "FLUX_LORA_MAX_RANK": "8"}, precision="bf16") for i in range(2)]
     servers = [Worker("127.0.0.1", p.port, "bf16") for p in procs]
     addresses = [s.address for s in servers]
     names = {"check": names_splitting(addresses, 2, "check-"), "off": names_splitting(addresses, 3, "mix-off-"),
              "on": names_splitting(addresses, 3, "mix-on-")}
-    _make_adapters(folder, [n for group in names.values() for n in group])
+    _make_adapters(transformer, folder, [n for group in names.values() for n in group])
     try:
         start_all(*procs, timeout=180, interval=0.1)
         yield tmp, procs, servers, names
@@ -242,6 +245,7 @@ def _loaded(proc) -> set[str]:
         return {a["name"] for a in json.loads(r.read())["data"] if a["loaded"]}
 
 
+@pytest.mark.slow
 def test_real_workers_load_each_adapter_where_it_is_routed(lora_fleet):
     tmp, procs, servers, names = lora_fleet
     by_address = {s.address: s.id for s in servers}
@@ -276,6 +280,7 @@ def _mix(names: list[str]) -> list[str]:
     return order
 
 
+@pytest.mark.slow
 def test_adapter_loads_across_the_fleet_with_and_without_affinity(lora_fleet):
     """The same mix of 24 requests over 6 adapters (3 per worker by the hash), each worker caching 3: loads
     counted by the workers' flux_lora_misses_total."""
