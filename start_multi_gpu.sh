@@ -61,6 +61,7 @@
 #   NGINX_READ_TIMEOUT  longest wait for a worker's answer                          (default 600s)
 #   NGINX_MAX_FAILS     gateway: failed attempts that take a worker out of rotation   (default 3)
 #   NGINX_FAIL_TIMEOUT  gateway: ... within this time, and for this long before a retry (default 30s)
+#   NGINX_LORA_AFFINITY on: requests with LoRA adapters go to the worker of their first adapter (default on)
 #   Every other FLUX_* variable (FLUX_MAX_CONCURRENT, FLUX_MAX_QUEUE_SIZE, FLUX_API_KEYS, ...) is
 #   passed to the workers unchanged.
 set -euo pipefail
@@ -291,7 +292,8 @@ nginx_listen() { if [[ -n "${NGINX_ADDR:-}" ]]; then echo "$NGINX_ADDR:$NGINX_PO
 # The common rendering options from the environment (rate limit, body size, read timeout).
 render_options() {
     printf '%s\n' --listen "$(nginx_listen)" --max-body "${NGINX_MAX_BODY:-1m}" \
-        --read-timeout "${NGINX_READ_TIMEOUT:-600s}" --burst "${FLUX_RATE_BURST:-20}"
+        --read-timeout "${NGINX_READ_TIMEOUT:-600s}" --burst "${FLUX_RATE_BURST:-20}" \
+        --lora-affinity "${NGINX_LORA_AFFINITY:-on}"
     [[ -z "${FLUX_RATE_LIMIT:-}" ]] || printf '%s\n' --rate "$FLUX_RATE_LIMIT"
 }
 

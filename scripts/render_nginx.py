@@ -16,7 +16,8 @@ As a program (start_multi_gpu.sh):
         [--images-dir DIR] [--web-dir DIR] [--workers-json PATH] [--rate 10r/s] [--burst 20] [--max-body 1m] \\
         [--read-timeout 600s] [--user nobody] [--headers-more auto|off|PATH] [--marker TOKEN] \\
         [--max-fails 3] [--fail-timeout 30s] [--workers-file FILE] \\
-        [--resolver "ADDR [valid=10s]"] [--pid FILE] [--temp-dir DIR] [--out FILE [--workers-json-out FILE]]
+        [--resolver "ADDR [valid=10s]"] [--pid FILE] [--temp-dir DIR] [--lora-affinity on|off]
+        [--out FILE [--workers-json-out FILE]]
 
     --workers-file FILE  a JSON list of {"host", "port", "precision", "id"} (deploy/kubernetes/gateway_workers.py
                          prints one), added to the --worker ones
@@ -24,6 +25,8 @@ As a program (start_multi_gpu.sh):
                          of rotation for T, after which nginx tries it again (a host back up rejoins by itself)
     --resolver R         workers by DNS name, re-resolved while running (`resolve`, nginx >= 1.27.3)
     --pid / --temp-dir   where the pid file and temp folders go (a read-only prefix: /tmp in a container)
+    --lora-affinity      on (default): a request naming LoRA adapters goes to the worker its first adapter hashes
+                         to, among the pool's bf16/fp8 workers (fp4 refuses adapters); off: least_conn for all
     render_nginx.py listen-port FILE     # prints the port of FILE's first `listen` (for -c checks)
     render_nginx.py json-get KEY...      # reads JSON on stdin, prints each KEY's value on its own line
                                          # (a dotted KEY such as progress.phase reads into objects)
@@ -135,6 +138,7 @@ class Options:
     resolver: str | None = None          # "ADDR [valid=10s] ...": servers re-resolved (`resolve`)
     pid: str | None = None               # `pid` directive; None: the -g/-p default
     temp_dir: str | None = None          # folder of nginx's temp paths; None: relative to the prefix
+    lora_affinity: bool = True           # hash requests with adapters to the worker that holds the first one
 
 
 def key_id(key: str) -> str:
@@ -159,12 +163,16 @@ def find_headers_more() -> str | None:
     return next((p for p in HEADERS_MORE_PATHS if os.path.isfile(p)), None)
 
 
-def _pools(workers: list[Worker]) -> tuple[list[dict], str, str]:
+def _pools(workers: list[Worker], lora_affinity: bool = True) -> tuple[list[dict], str, str]:
     present = [p for p in PRECISIONS if any(w.precision == p for w in workers)]
     pools = [{"name": "flux_api_backend", "zone": "256k", "workers": workers, "comment": True}]
     for p in present:
         pools.append({"name": f"flux_{p}_backend", "zone": "64k",
                       "workers": [w for w in workers if w.precision == p], "comment": False})
+    # A pool's LoRA twin hashes over the workers that serve adapters: fp4 workers refuse them (422), so a
+    # request with adapters never lands on one when the pool has another kind.
+    for pool in pools:
+        pool["lora_workers"] = [w for w in pool["workers"] if w.precision != "fp4"] if lora_affinity else []
     # Fast path: fp8 where present (fastest on H100), else fp4. Quality: bf16. Else everyone.
     fast = next((f"flux_{p}_backend" for p in ("fp8", "fp4") if p in present), "flux_api_backend")
     quality = "flux_bf16_backend" if "bf16" in present else "flux_api_backend"
@@ -203,7 +211,9 @@ def render(workers: list[Worker], opts: Options) -> str:
                               "nginx's rate-limit map cannot hold it: use printable ASCII without those")
         quoted = "\\" + key if key.startswith("~") or key in MAP_SPECIAL else key
         keys.append((quoted, key_id(key)))
-    pools, fast, quality = _pools(workers)
+    if not isinstance(opts.lora_affinity, bool):
+        raise RenderError(f"lora_affinity {opts.lora_affinity!r}: true or false")
+    pools, fast, quality = _pools(workers, opts.lora_affinity)
     if opts.rate:
         limit = "limit_req zone=flux_per_key;" if opts.burst == 0 else \
             f"limit_req zone=flux_per_key burst={opts.burst} nodelay;"  # nginx refuses burst=0
@@ -227,7 +237,8 @@ def render(workers: list[Worker], opts: Options) -> str:
         marker=opts.marker, worker_connections=opts.worker_connections, conn_per_addr=opts.conn_per_addr,
         errors=errors, error_pages=ERROR_PAGES, max_fails=opts.max_fails, fail_timeout=opts.fail_timeout,
         resolver=opts.resolver, resolve=" resolve" if opts.resolver else "", pid=opts.pid,
-        temp_prefix=(opts.temp_dir.rstrip("/") + "/") if opts.temp_dir else "")
+        temp_prefix=(opts.temp_dir.rstrip("/") + "/") if opts.temp_dir else "",
+        lora_affinity=any(pool["lora_workers"] for pool in pools))
 
 
 def listen_port(listen: str) -> int:
@@ -360,6 +371,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--resolver", help="DNS resolver for workers named by host name (adds `resolve`)")
     ap.add_argument("--pid")
     ap.add_argument("--temp-dir")
+    ap.add_argument("--lora-affinity", choices=("on", "off"), default="on",
+                    help="route requests with LoRA adapters by their first adapter's name (default on)")
     ap.add_argument("--out", help="write here (atomically) instead of stdout")
     ap.add_argument("--workers-json-out", help="also write workers.json here")
     args = ap.parse_args(argv)
@@ -375,7 +388,8 @@ def main(argv: list[str]) -> int:
                        max_body=args.max_body, read_timeout=args.read_timeout,
                        api_keys=[] if args.no_api_keys or not args.rate else read_api_keys(),
                        user=args.user, headers_more=headers_more, marker=args.marker, max_fails=args.max_fails,
-                       fail_timeout=args.fail_timeout, resolver=args.resolver, pid=args.pid, temp_dir=args.temp_dir)
+                       fail_timeout=args.fail_timeout, resolver=args.resolver, pid=args.pid, temp_dir=args.temp_dir,
+                       lora_affinity=args.lora_affinity == "on")
         if args.out:
             write_outputs(workers, opts, Path(args.out),
                           Path(args.workers_json_out) if args.workers_json_out else None)
