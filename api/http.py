@@ -160,6 +160,19 @@ def _peer_trusted(peer: str, trusted: frozenset[str]) -> bool:
     return False
 
 
+def client_address(request: Request, trusted: frozenset[str]) -> str:
+    """The client a per-address limit counts. From a trusted proxy, the X-Real-IP it sets (our nginx replaces any
+    the client sent with the address it saw) when that is an IP address; else the TCP peer. Behind nginx the peer
+    is nginx for every client: counting it would make one client's limit everyone's."""
+    peer = request.client.host if request.client else ""
+    if _peer_trusted(peer, trusted):
+        try:
+            return str(ipaddress.ip_address(request.headers.get("x-real-ip", "").strip()))
+        except ValueError:
+            pass
+    return peer
+
+
 def base_url(request: Request, trusted: frozenset[str], public_url: str | None) -> str:
     """Where clients reach us, to prefix /images/<name> with.
 
