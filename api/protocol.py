@@ -26,6 +26,7 @@ import uuid
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from api.errors import BadRequest
+from api.middleware import REQUEST_ID_RE
 
 
 log = logging.getLogger("flux.connection")
@@ -70,8 +71,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         # uvicorn answers a request its parser refuses in plain text; nginx passes that answer on (it accepts bytes
         # httptools does not), so it is the API's JSON error here, with a request id like every other answer.
-        # The request's own X-Request-ID is not trusted: the request could not be parsed.
-        request_id = uuid.uuid4().hex
+        # The request id is one the parser read before the bad byte (nginx sends its X-Request-ID first), so nginx's
+        # log, its answer's header and this body agree; else a new one.
+        sent = [value.decode("latin-1") for name, value in (self.headers or ()) if name == b"x-request-id"]
+        request_id = sent[0] if sent and REQUEST_ID_RE.match(sent[0]) else uuid.uuid4().hex
         body = json.dumps(BadRequest("the request could not be parsed (malformed request line, header or "
                                      "body framing)").body(request_id)).encode()
         log.info("request_id=%s refused by the HTTP parser from %s: %s", request_id,

@@ -277,6 +277,14 @@ def test_a_request_the_parser_refuses_is_a_400_json_error(edge, raw):
     assert REQUEST_ID_RE.match(resp.headers["x-request-id"]) and error["request_id"] == resp.headers["x-request-id"]
 
 
+def test_a_refused_request_keeps_the_request_id_read_before_the_bad_byte(edge):
+    # nginx sends its X-Request-ID ahead of the client's headers: its log and the worker's answer must agree
+    raw = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Request-ID: nginx-id.42\r\nUser-Agent: \x07\r\n\r\n"
+    resp = exchange(edge.port, raw)
+    assert resp.status == 400 and resp.headers["x-request-id"] == "nginx-id.42"
+    assert resp.json()["error"]["request_id"] == "nginx-id.42"
+
+
 def assert_error_body(resp) -> dict:
     body = resp.json()
     assert set(body) == {"error"} and body["error"]["retryable"] is False, body
