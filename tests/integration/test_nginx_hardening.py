@@ -66,6 +66,9 @@ def test_every_error_nginx_makes_is_api_json_and_anonymous(gateway):
         (404, _get("/images/" + "0" * 32 + ".exe")),
         (404, _get("/ui/missing.html")),
         (405, b"POST /ui/index.html HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"),
+        (405, b"PUT /dashboard/workers.json HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"),
+        (405, b"DELETE /dashboard/index.html HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        (405, b"POST /workers/live/health HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"),
         (413, b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nConnection: close\r\n\r\n" + b"x" * 5000),
         (414, _get("/" + "a" * 9000)),
         (431, _get("/", "X-Big: " + "b" * 9000 + "\r\n")),
@@ -86,6 +89,16 @@ def test_every_error_nginx_makes_is_api_json_and_anonymous(gateway):
     # and a worker's own answer passes through untouched (its Server header is not nginx's to show either)
     status, headers, body = split_response(raw_request(p, _get("/workers/live/health")))
     assert status == 200 and json.loads(body)["server"] == "live"
+
+
+@pytest.mark.parametrize("path", ["/ui", "/dashboard"])
+def test_the_pages_redirect_without_naming_nginx(gateway, path):
+    raw = raw_request(gateway.port, _get(path))
+    status, headers, body = split_response(raw)
+    assert status == 301 and headers["location"] == path + "/", raw[:400]
+    assert b"nginx" not in raw.lower(), raw[:400]
+    assert headers["content-type"].startswith("application/json") and json.loads(body)["moved_to"] == path + "/"
+    assert headers["x-request-id"]
 
 
 def test_request_ids_are_ones_the_worker_accepts_and_the_same_everywhere(gateway):
