@@ -117,6 +117,26 @@ def test_request_ids_are_ones_the_worker_accepts_and_the_same_everywhere(gateway
         assert "upstream-own-id" not in headers["x-request-id"]
 
 
+def test_every_access_log_line_is_a_json_object_whatever_bytes_a_client_sends(gateway):
+    """escape=json escapes control characters but copies bytes >= 0x80 as they are: a User-Agent or a path that
+    is not UTF-8 would make its line no JSON at all, a record a log pipeline drops (or chokes on)."""
+    p = gateway.port
+    requests = [
+        b"GET /workers/live/health HTTP/1.1\r\nHost: x\r\nUser-Agent: bad \xff\xfe \xc3(\r\nConnection: close\r\n\r\n",
+        b"GET /images/\xff\xfe.png HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /workers/live/health?q=\xed\xa0\x80 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET /workers/live/health?q=\u00e9t\u00e9 HTTP/1.1\r\nHost: x\r\nUser-Agent: caf\u00e9 \u2615\r\n"
+        "Connection: close\r\n\r\n".encode(),
+    ]
+    for request in requests:
+        raw_request(p, request)
+    time.sleep(0.2)
+    records = [json.loads(line) for line in (gateway.tmp / "access.log").read_bytes().splitlines()]
+    assert len(records) == len(requests)
+    assert records[3]["user_agent"] == "caf\u00e9 \u2615" and records[3]["uri"].endswith("q=\u00e9t\u00e9")  # UTF-8 is kept
+    assert "\xff" not in records[0]["user_agent"] and records[0]["status"] == 200
+
+
 def test_a_thousand_slow_headers_from_one_address_never_stall_another(gateway):
     """Slowloris: 127.0.0.1 opens many connections and trickles header lines; 127.0.0.2 is answered at once,
     and nginx drops the tricklers after client_header_timeout (10 s) instead of waiting forever."""
