@@ -24,6 +24,26 @@ JSON_TYPES = ("application/json",)
 LARGE_BODY = 1 << 20
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _object_without_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose keys are all different: with a key twice, the last would silently win, and which one a
+    client meant (or another parser would take) is anybody's guess."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
+def _loads(raw: bytes):
+    return json.loads(raw, object_pairs_hook=_object_without_duplicates)
+
+
 async def read_json_object(request: Request, max_bytes: int, image_bytes: int = 0) -> dict:
     """The body as a JSON object, or a named 4xx: wrong content type, too large, not JSON, not an object.
 
@@ -48,7 +68,9 @@ async def read_json_object(request: Request, max_bytes: int, image_bytes: int = 
     raw = b"".join(chunks)
     try:
         # a body with images can be megabytes: parse those off the event loop, so other requests keep moving
-        data = json.loads(raw) if size < LARGE_BODY else await asyncio.to_thread(json.loads, raw)
+        data = _loads(raw) if size < LARGE_BODY else await asyncio.to_thread(_loads, raw)
+    except _DuplicateKey as exc:
+        raise InvalidRequest(f"{exc.key}: given more than once", field=exc.key) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidJson(f"the body is not valid JSON: {exc}", field="body") from None
     except (ValueError, RecursionError):  # a number over 4300 digits, or nesting deeper than the parser goes
