@@ -272,10 +272,14 @@ class IdempotencyStore:
 
 
 def idempotency_key(request: Request) -> str | None:
-    key = request.headers.get("idempotency-key")
-    if key is None:
+    # read as nginx hashes it to pick the worker: one header (a newer nginx joins two into one value, so a retry
+    # sending one of them could reach another worker and render again), blanks = spaces and tabs
+    keys = request.headers.getlist("idempotency-key")
+    if not keys:
         return None
-    key = key.strip()
+    if len(keys) > 1:
+        raise InvalidRequest("Idempotency-Key: send one", field="Idempotency-Key")
+    key = keys[0].strip(" \t")
     if not key or len(key) > 200:
         raise InvalidRequest("Idempotency-Key must be 1 to 200 characters", field="Idempotency-Key")
     principal = getattr(request.state, "api_key_id", "")
