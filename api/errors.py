@@ -35,6 +35,12 @@ class InvalidRequest(ApiError):
     status, code = 422, "invalid_request"
 
 
+class BadRequest(ApiError):
+    """The HTTP parser refused the request itself (a control byte in a header, two Content-Lengths, a broken
+    chunk): nothing of it reached the app. The code is the one nginx's own 400 carries."""
+    status, code = 400, "bad_request"
+
+
 class InvalidJson(ApiError):
     status, code = 400, "invalid_json"
 

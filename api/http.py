@@ -24,6 +24,26 @@ JSON_TYPES = ("application/json",)
 LARGE_BODY = 1 << 20
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _object_without_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose keys are all different: with a key twice, the last would silently win, and which one a
+    client meant (or another parser would take) is anybody's guess."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
+def _loads(raw: bytes):
+    return json.loads(raw, object_pairs_hook=_object_without_duplicates)
+
+
 async def read_json_object(request: Request, max_bytes: int, image_bytes: int = 0) -> dict:
     """The body as a JSON object, or a named 4xx: wrong content type, too large, not JSON, not an object.
 
@@ -48,7 +68,9 @@ async def read_json_object(request: Request, max_bytes: int, image_bytes: int = 
     raw = b"".join(chunks)
     try:
         # a body with images can be megabytes: parse those off the event loop, so other requests keep moving
-        data = json.loads(raw) if size < LARGE_BODY else await asyncio.to_thread(json.loads, raw)
+        data = _loads(raw) if size < LARGE_BODY else await asyncio.to_thread(_loads, raw)
+    except _DuplicateKey as exc:
+        raise InvalidRequest(f"{exc.key}: given more than once", field=exc.key) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidJson(f"the body is not valid JSON: {exc}", field="body") from None
     except (ValueError, RecursionError):  # a number over 4300 digits, or nesting deeper than the parser goes
@@ -160,6 +182,19 @@ def _peer_trusted(peer: str, trusted: frozenset[str]) -> bool:
     return False
 
 
+def client_address(request: Request, trusted: frozenset[str]) -> str:
+    """The client a per-address limit counts. From a trusted proxy, the X-Real-IP it sets (our nginx replaces any
+    the client sent with the address it saw) when that is an IP address; else the TCP peer. Behind nginx the peer
+    is nginx for every client: counting it would make one client's limit everyone's."""
+    peer = request.client.host if request.client else ""
+    if _peer_trusted(peer, trusted):
+        try:
+            return str(ipaddress.ip_address(request.headers.get("x-real-ip", "").strip()))
+        except ValueError:
+            pass
+    return peer
+
+
 def base_url(request: Request, trusted: frozenset[str], public_url: str | None) -> str:
     """Where clients reach us, to prefix /images/<name> with.
 
@@ -237,10 +272,14 @@ class IdempotencyStore:
 
 
 def idempotency_key(request: Request) -> str | None:
-    key = request.headers.get("idempotency-key")
-    if key is None:
+    # read as nginx hashes it to pick the worker: one header (a newer nginx joins two into one value, so a retry
+    # sending one of them could reach another worker and render again), blanks = spaces and tabs
+    keys = request.headers.getlist("idempotency-key")
+    if not keys:
         return None
-    key = key.strip()
+    if len(keys) > 1:
+        raise InvalidRequest("Idempotency-Key: send one", field="Idempotency-Key")
+    key = keys[0].strip(" \t")
     if not key or len(key) > 200:
         raise InvalidRequest("Idempotency-Key must be 1 to 200 characters", field="Idempotency-Key")
     principal = getattr(request.state, "api_key_id", "")

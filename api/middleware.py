@@ -85,11 +85,18 @@ class RequestContext:
         self.runtime_getter = runtime_getter
 
     def _authorized(self, scope, keys: frozenset[str]) -> tuple[bool, str]:
+        # The key is read exactly as nginx's rate-limit map reads it (one header of each name, blanks = spaces
+        # and tabs): a credential read another way here would be served while nginx counted it against the
+        # client address, a second budget for one tenant. Two headers of a name are refused, never picked from.
+        found = {name: [v.decode("latin-1") for k, v in scope.get("headers", ()) if k == name]
+                 for name in (b"authorization", b"x-api-key")}
+        if any(len(values) > 1 for values in found.values()):
+            return False, ""
         token = None
-        auth = _header(scope, b"authorization")
+        auth = found[b"authorization"][0] if found[b"authorization"] else None
         if auth and auth[:7].lower() == "bearer ":
-            token = auth[7:].strip()
-        token = token or _header(scope, b"x-api-key")
+            token = auth[7:].strip(" \t")
+        token = token or (found[b"x-api-key"][0].strip(" \t") if found[b"x-api-key"] else None)
         if not token:
             return False, ""
         # compare against every key in constant time, without stopping at the first match

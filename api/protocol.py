@@ -19,9 +19,14 @@ too) and selected in api/server.py uvicorn_config, the one place a worker's uvic
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import uuid
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from api.errors import BadRequest
+from api.middleware import REQUEST_ID_RE
 
 
 log = logging.getLogger("flux.connection")
@@ -61,6 +66,24 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         else:
             log.info("closing connection from %s: request body stalled for %.0f s after the response", peer,
                      self.body_timeout_s)
+        self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn answers a request its parser refuses in plain text; nginx passes that answer on (it accepts bytes
+        # httptools does not), so it is the API's JSON error here, with a request id like every other answer.
+        # The request id is one the parser read before the bad byte (nginx sends its X-Request-ID first), so nginx's
+        # log, its answer's header and this body agree; else a new one.
+        sent = [value.decode("latin-1") for name, value in (self.headers or ()) if name == b"x-request-id"]
+        request_id = sent[0] if sent and REQUEST_ID_RE.match(sent[0]) else uuid.uuid4().hex
+        body = json.dumps(BadRequest("the request could not be parsed (malformed request line, header or "
+                                     "body framing)").body(request_id)).encode()
+        log.info("request_id=%s refused by the HTTP parser from %s: %s", request_id,
+                 "%s:%s" % self.client if self.client else "?", msg)
+        head = [b"HTTP/1.1 400 Bad Request\r\n"]
+        head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
+        head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body),
+                 b"x-request-id: " + request_id.encode() + b"\r\n", b"connection: close\r\n\r\n"]
+        self.transport.write(b"".join(head) + body)
         self.transport.close()
 
     # asyncio.Protocol

@@ -26,8 +26,8 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from api.errors import Cancelled, NotFound, TooManyStreams
-from api.http import (base_url, ensure_accepting, idempotency_key, job_error, make_spec, output_options,
-                      parse_generate, read_json_object)
+from api.http import (base_url, client_address, ensure_accepting, idempotency_key, job_error, make_spec,
+                      output_options, parse_generate, read_json_object)
 from api.inputs import prepare_inputs
 from api.queue import FINAL, Job, JobStatus
 from models.flux import ImageSpec
@@ -71,10 +71,10 @@ class ImageService:
 
     def caller(self, request: Request) -> str:
         """Whom a per-caller limit counts: the API key, or the client address when keys are off (behind a
-        trusted proxy uvicorn has already put the forwarded address there)."""
+        trusted proxy, the address it names: see client_address)."""
         if self.rt.api_keys:
             return "key:" + (getattr(request.state, "api_key_id", "") or "")
-        return "addr:" + (request.client.host if request.client else "")
+        return "addr:" + client_address(request, self.rt.trusted_proxies)
 
     # ---- admission ------------------------------------------------------------------------------
     async def read_generate(self, request: Request):

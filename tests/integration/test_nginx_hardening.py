@@ -66,6 +66,9 @@ def test_every_error_nginx_makes_is_api_json_and_anonymous(gateway):
         (404, _get("/images/" + "0" * 32 + ".exe")),
         (404, _get("/ui/missing.html")),
         (405, b"POST /ui/index.html HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"),
+        (405, b"PUT /dashboard/workers.json HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"),
+        (405, b"DELETE /dashboard/index.html HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        (405, b"POST /workers/live/health HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"),
         (413, b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nConnection: close\r\n\r\n" + b"x" * 5000),
         (414, _get("/" + "a" * 9000)),
         (431, _get("/", "X-Big: " + "b" * 9000 + "\r\n")),
@@ -88,6 +91,16 @@ def test_every_error_nginx_makes_is_api_json_and_anonymous(gateway):
     assert status == 200 and json.loads(body)["server"] == "live"
 
 
+@pytest.mark.parametrize("path", ["/ui", "/dashboard"])
+def test_the_pages_redirect_without_naming_nginx(gateway, path):
+    raw = raw_request(gateway.port, _get(path))
+    status, headers, body = split_response(raw)
+    assert status == 301 and headers["location"] == path + "/", raw[:400]
+    assert b"nginx" not in raw.lower(), raw[:400]
+    assert headers["content-type"].startswith("application/json") and json.loads(body)["moved_to"] == path + "/"
+    assert headers["x-request-id"]
+
+
 def test_request_ids_are_ones_the_worker_accepts_and_the_same_everywhere(gateway):
     p = gateway.port
     for sent, kept in (("client-id_1.2", True), ("has space", False), ("x" * 65, False), ("a\"b", False),
@@ -102,6 +115,27 @@ def test_request_ids_are_ones_the_worker_accepts_and_the_same_everywhere(gateway
         time.sleep(0.05)
         assert f'"request_id":"{seen}"' in gateway.access_log()
         assert "upstream-own-id" not in headers["x-request-id"]
+
+
+def test_every_access_log_line_is_a_json_object_whatever_bytes_a_client_sends(gateway):
+    """escape=json escapes control characters but copies bytes >= 0x80 as they are: a User-Agent or a path that
+    is not UTF-8 would make its line no JSON at all, a record a log pipeline drops (or chokes on)."""
+    p = gateway.port
+    requests = [
+        b"GET /workers/live/health HTTP/1.1\r\nHost: x\r\nUser-Agent: bad \xff\xfe \xc3(\r\nConnection: close\r\n\r\n",
+        b"GET /images/\xff\xfe.png HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /workers/live/health?q=\xed\xa0\x80 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET /workers/live/health?q=\u00e9t\u00e9 HTTP/1.1\r\nHost: x\r\nUser-Agent: caf\u00e9 \u2615\r\n"
+        "Connection: close\r\n\r\n".encode(),
+    ]
+    for request in requests:
+        raw_request(p, request)
+    time.sleep(0.2)
+    records = [json.loads(line) for line in (gateway.tmp / "access.log").read_bytes().splitlines()]
+    assert len(records) == len(requests)
+    # UTF-8 is kept as it came
+    assert records[3]["user_agent"] == "caf\u00e9 \u2615" and records[3]["uri"].endswith("q=\u00e9t\u00e9")
+    assert "\xff" not in records[0]["user_agent"] and records[0]["status"] == 200
 
 
 def test_a_thousand_slow_headers_from_one_address_never_stall_another(gateway):

@@ -15,7 +15,7 @@ import pytest
 
 from scripts.render_nginx import (Options, RenderError, Worker, conf_listen_ports, key_id, parse_worker, render,
                                   workers_document, write_outputs)
-from tests.integration.nginx_proc import EchoUpstream, Nginx, world_readable_tmp
+from tests.integration.nginx_proc import EchoUpstream, Nginx, raw_request, split_response, world_readable_tmp
 from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -130,5 +130,27 @@ def test_jobs_images_and_worker_probes_reach_the_owner_wherever_it_runs(tmp_path
             status, _, body = get("/dashboard/nginx_status")
             assert status == 200 and b"Active connections" in body
             assert get("/ui/")[0] == 200
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+@needs_nginx
+def test_a_folder_under_an_image_name_is_no_image_and_no_redirect(tmp_path):
+    """nginx answers a folder with a 301 to the name plus "/" (an HTML page naming nginx); under an image name it
+    is no image: the owner is asked, as for a link or a miss, and its answer (here the echo) comes back."""
+    out = world_readable_tmp(tmp_path)
+    try:
+        worker_port, nginx_port = free_port(), free_port()
+        near = Worker("127.0.0.1", worker_port, "fp4", "near")
+        name = f"near-{'a' * 32}.png"
+        (out / name).mkdir()
+        opts = Options(listen=f"127.0.0.1:{nginx_port}", images_dir=str(out), web_dir=str(ROOT / "web"))
+        with EchoUpstream("127.0.0.1", worker_port, "near"), Nginx(tmp_path, [near], opts) as nginx:
+            raw = raw_request(nginx.port, f"GET /images/{name} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                              .encode())
+            status, headers, body = split_response(raw)
+            assert status != 301 and "location" not in headers, raw[:400]
+            assert b"nginx" not in raw.lower(), raw[:400]
+            assert json.loads(body)["server"] == "near", body
     finally:
         shutil.rmtree(out, ignore_errors=True)

@@ -8,6 +8,7 @@ import openai
 import psutil
 import pytest
 
+from tests.harness.rawhttp import exchange
 from tests.production.conftest import QUICK_JOB, Worker, assert_error, start_all
 
 KEYS = ("alpha-key-1", "beta-key-2")
@@ -116,3 +117,31 @@ def test_workers_listen_on_loopback_only(keyed: Worker):
     listening = [c.laddr for c in psutil.Process(keyed.pid).net_connections(kind="inet")
                  if c.status == psutil.CONN_LISTEN]
     assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
+
+
+# nginx's per-key rate limit keys on the key the request names (scripts' map: "bearer", blanks, then the key).
+# A credential the worker read differently (a trailing non-breaking space or other Unicode blank stripped by
+# str.strip, the first of two X-API-Key lines where a newer nginx joins them) would be accepted here while
+# nginx counted it against the client address: a second, per-address budget for the same tenant.
+@pytest.mark.parametrize("headers", [
+    [("Authorization", f"Bearer {KEYS[0]}\xa0")],
+    [("Authorization", f"Bearer \xa0{KEYS[0]}")],
+    [("X-API-Key", f"{KEYS[0]}\x85")],
+    [("X-API-Key", KEYS[0]), ("X-API-Key", KEYS[0])],
+    [("Authorization", f"Bearer {KEYS[0]}"), ("Authorization", f"Bearer {KEYS[0]}")],
+    [("Authorization", "Bearer"), ("X-API-Key", KEYS[0]), ("X-API-Key", "other")],
+], ids=["nbsp-after", "nbsp-before", "nel-after-x-api-key", "two-x-api-keys", "two-authorizations",
+        "x-api-key-twice-differing"])
+def test_a_key_read_any_other_way_than_nginx_reads_it_is_401(keyed, headers):
+    lines = "".join(f"{k}: {v}\r\n" for k, v in headers)
+    raw = (f"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+           f"Connection: close\r\n{lines}\r\n{{}}").encode("latin-1")
+    resp = exchange(keyed.port, raw)
+    assert resp.status == 401, (resp.status, resp.body[:300])
+    assert resp.json()["error"]["code"] == "unauthorized"
+
+
+def test_blanks_around_a_bearer_token_are_spaces_and_tabs(keyed):
+    raw = (f"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+           f"Connection: close\r\nAuthorization: Bearer \t {KEYS[0]}\t\r\n\r\n{{}}").encode("latin-1")
+    assert exchange(keyed.port, raw).status == 422

@@ -256,3 +256,36 @@ def test_request_id_is_kept_only_when_it_matches_the_one_rule(edge, incoming, ke
     echoed = resp.headers["x-request-id"]
     assert (echoed == incoming) == kept, echoed
     assert REQUEST_ID_RE.match(echoed)
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET /health HTTP/1.1\r\nHost: x\r\nX-Request-ID: a\x1bb\r\n\r\n",  # a control byte in a header value
+    b"GET /health HTTP/1.1\r\nHost: x\r\nUser-Agent: \x07\x1b[2J\r\n\r\n",
+    b"GET /he\x01alth HTTP/1.1\r\nHost: x\r\n\r\n",  # and in the target
+    b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+    b"POST /generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",  # a broken chunk size
+], ids=["esc-in-request-id", "bell-in-user-agent", "control-in-path", "two-content-lengths", "bad-chunk"])
+def test_a_request_the_parser_refuses_is_a_400_json_error(edge, raw):
+    # nginx passes such bytes on (it accepts any byte but NUL, CR and LF in a header value), so this answer
+    # reaches clients through the balancer too: it must be the API's error, with a request id.
+    resp = exchange(edge.port, raw)
+    assert resp is not None
+    assert resp.status == 400, resp.body[:200]
+    assert resp.headers["content-type"] == "application/json"
+    error = assert_error_body(resp)
+    assert error["code"] == "bad_request"
+    assert REQUEST_ID_RE.match(resp.headers["x-request-id"]) and error["request_id"] == resp.headers["x-request-id"]
+
+
+def test_a_refused_request_keeps_the_request_id_read_before_the_bad_byte(edge):
+    # nginx sends its X-Request-ID ahead of the client's headers: its log and the worker's answer must agree
+    raw = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Request-ID: nginx-id.42\r\nUser-Agent: \x07\r\n\r\n"
+    resp = exchange(edge.port, raw)
+    assert resp.status == 400 and resp.headers["x-request-id"] == "nginx-id.42"
+    assert resp.json()["error"]["request_id"] == "nginx-id.42"
+
+
+def assert_error_body(resp) -> dict:
+    body = resp.json()
+    assert set(body) == {"error"} and body["error"]["retryable"] is False, body
+    return body["error"]

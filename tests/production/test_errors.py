@@ -31,6 +31,12 @@ CASES = [
     ("POST", "/v1/images/generations", b'{"prompt": "cat", "size": "../../etc"}', JSON, 422, "invalid_request",
      "size"),
     ("POST", "/v1/images/generations", b'{"prompt": "cat", "n": "2"}', JSON, 422, "invalid_request", "n"),
+    # a key given twice has no one meaning (the last would silently win): refused, naming it
+    ("POST", "/generate", b'{"prompt": "cat", "width": 256, "prompt": "dog"}', JSON, 422, "invalid_request",
+     "prompt"),
+    ("POST", "/jobs", b'{"prompt": "cat", "loras": [{"name": "a", "name": "b"}]}', JSON, 422, "invalid_request",
+     "name"),
+    ("POST", "/v1/images/generations", b'{"prompt": "cat", "n": 1, "n": 2}', JSON, 422, "invalid_request", "n"),
     ("GET", "/images/..%2f..%2fapi%2fapp.py", None, {}, 404, "not_found", None),
     ("GET", "/images/%2e%2e%2fmain_bf16.py", None, {}, 404, "not_found", None),
     ("GET", "/images/00000000000000000000000000000000.png", None, {}, 404, "not_found", None),

@@ -92,6 +92,14 @@ def test_malformed_idempotency_key_is_422(worker, bad):
     assert assert_error(resp, 422, "invalid_request")["field"] == "Idempotency-Key"
 
 
+def test_two_idempotency_keys_are_422_never_one_picked(worker):
+    # nginx picks the worker by hashing the header; a newer nginx hashes two of them joined ("a, b"): the worker
+    # using only the first would let a retry sending "a" alone land elsewhere and render a second image
+    resp = worker.client.post("/jobs", json=QUICK_JOB,
+                              headers=[("Idempotency-Key", "a-1"), ("Idempotency-Key", "b-2")])
+    assert assert_error(resp, 422, "invalid_request")["field"] == "Idempotency-Key"
+
+
 def test_retry_after_a_dropped_connection_generates_the_image(idle_worker):
     """The usual reason to retry: the connection broke. The first attempt was cancelled when the client went
     away, so the retry with the same key must render the image rather than replay "cancelled"."""

@@ -232,6 +232,31 @@ def test_event_streams_past_the_cap_are_429(gated_server, limit):
             client.close()
 
 
+@pytest.mark.parametrize("trusted,split", [("127.0.0.1,::1", True), ("10.9.9.9", False)],
+                         ids=["behind-our-nginx", "x-real-ip-from-an-untrusted-peer"])
+def test_without_keys_the_stream_cap_counts_the_client_nginx_names(gated_server, trusted, split):
+    # Behind nginx every stream comes from nginx's address: counted by the TCP peer, one stranger's idle streams
+    # would lock every other client out. nginx sets X-Real-IP to the client's address (replacing any the client
+    # sent); it is believed only from a trusted proxy, so nobody else can mint addresses.
+    server, engine = gated_server(max_event_streams_per_key=1, trusted_proxies=trusted)
+    job_id = httpx.post(f"{server.base_url}/jobs", json=SMALL).json()["job_id"]
+    streams = []
+
+    def status(real_ip: str) -> int:
+        streams.append(_open_stream(server.base_url, job_id, {"X-Real-IP": real_ip}))
+        return streams[-1][1].status_code
+
+    try:
+        assert status("203.0.113.7") == 200
+        assert status("203.0.113.7") == 429
+        assert status("198.51.100.9") == (200 if split else 429)
+        assert status("not-an-address") == (200 if split else 429)  # an invalid X-Real-IP is the peer's own
+    finally:
+        for client, response in streams:
+            response.close()
+            client.close()
+
+
 def test_the_per_key_stream_cap_counts_each_key_apart(gated_server):
     server, engine = gated_server(api_keys=KEYS, max_event_streams_per_key=1)
     a_job = httpx.post(f"{server.base_url}/jobs", json=SMALL, headers=bearer("key-a")).json()["job_id"]
