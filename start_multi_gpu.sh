@@ -314,6 +314,15 @@ user_can_read_dir() {
     runuser -u "$account" -- test -r "$dir" -a -x "$dir" 2>/dev/null
 }
 
+# Where nginx's unprivileged workers buffer large request bodies and upstream answers: a folder they own. Under
+# the prefix when they can reach it; else (a prefix inside a 0700 home) a folder of their own under /tmp.
+nginx_temp_dir() {
+    local account="$1" dir="$NGINX_PREFIX/tmp"
+    user_can_read_dir "${account%% *}" "$NGINX_PREFIX" || dir="/tmp/flux-nginx-$(id -u "${account%% *}")-$NGINX_PORT"
+    mkdir -p "$dir" && chown "${account// /:}" "$dir" && chmod 700 "$dir" || warn "cannot prepare $dir for nginx"
+    echo "$dir"
+}
+
 # Writes the config nginx will run with (and workers.json next to it) and sets NGINX_CONF_USED and
 # NGINX_G (the -g directives). A rendered config that holds API keys (rate-limit map) is mode 0600.
 prepare_nginx_conf() {
@@ -330,6 +339,7 @@ prepare_nginx_conf() {
             warn "nginx runs as ${account%% *}, which cannot read $OUTPUT_DIR: the workers serve /images/ instead"
             images=""
         fi
+        args+=(--temp-dir "$(nginx_temp_dir "$account")")
     fi
     [[ -z "$FLEET_FILE" ]] || images=""   # a gateway asks each image of its owner (or S3)
     [[ -z "$images" ]] || args+=(--images-dir "$images")

@@ -180,6 +180,14 @@ class _GroupMember(FluxEngine):
 
     def check_spec(self, spec: ImageSpec) -> None:
         """Refuse an image whose tokens do not split evenly across the group (read by the queue at submit)."""
+        # The followers are driven with text-to-image specs only (sent as JSON); adapters and input images
+        # would need their own broadcast: refused here, at admission, rather than failing on the GPUs.
+        if spec.mode != "text":
+            raise UnsplittableSize("image-to-image and inpainting are not served by a multi-GPU (latency) worker; "
+                                   "send them to a one-GPU worker", field="image")
+        if spec.loras:
+            raise UnsplittableSize("LoRA adapters are not served by a multi-GPU (latency) worker; send them to a "
+                                   "one-GPU worker", field="loras")
         n = self.group.world_size
         scale = 16  # 8x VAE downsampling, then 2x2 latent packing: one token per 16x16 pixels
         if (spec.width // scale) * (spec.height // scale) % n:
@@ -193,7 +201,7 @@ class _GroupMember(FluxEngine):
         """The collective part of a batch: every rank calls this with the same specs, in the same order."""
         import torch.distributed as dist
 
-        width, height, steps, guidance = specs[0].batch_key
+        width, height, steps, guidance = specs[0].width, specs[0].height, specs[0].steps, specs[0].guidance
         dist.broadcast(embeds, src=0)
         dist.broadcast(pooled, src=0)
         generators = [torch.Generator("cpu").manual_seed(s.seed) for s in specs]
@@ -321,7 +329,7 @@ class ParallelEngine(_GroupMember):
             raise ValueError("a batch must share width, height, steps and guidance")
         if self._broken:
             raise ParallelGroupFailed(f"the GPU group is broken ({self._broken}); the worker restarts")
-        width, height, steps, _ = key
+        width, height, steps = specs[0].width, specs[0].height, specs[0].steps
         self.check_spec(specs[0])
         try:
             with torch.inference_mode():
@@ -440,7 +448,7 @@ def follow(channel: _Channel) -> None:
         message = channel.next()
         if message["op"] != "generate":
             raise RuntimeError(f"unexpected message from rank 0: {message['op']}")
-        specs = [ImageSpec(**s) for s in message["specs"]]
+        specs = [ImageSpec(**dict(s, loras=tuple(map(tuple, s.get("loras", ()))))) for s in message["specs"]]
         dtype = getattr(torch, message["dtype"])
         with torch.inference_mode():
             embeds = torch.empty(message["embeds"], device=device, dtype=dtype)
