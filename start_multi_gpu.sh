@@ -319,7 +319,9 @@ user_can_read_dir() {
 nginx_temp_dir() {
     local account="$1" dir="$NGINX_PREFIX/tmp"
     user_can_read_dir "${account%% *}" "$NGINX_PREFIX" || dir="/tmp/flux-nginx-$(id -u "${account%% *}")-$NGINX_PORT"
-    mkdir -p "$dir" && chown "${account// /:}" "$dir" && chmod 700 "$dir" || warn "cannot prepare $dir for nginx"
+    if ! { mkdir -p "$dir" && chown "${account// /:}" "$dir" && chmod 700 "$dir"; }; then
+        warn "cannot prepare $dir for nginx"
+    fi
     echo "$dir"
 }
 
