@@ -3,7 +3,7 @@
 # headers-more module, shellcheck, lsof as root through apt; ./.venv with requirements-dev.txt),
 # then pytest. Arguments go to pytest.
 #
-#   ./run_tests.sh                      everything (about 10 minutes on 2 cores)
+#   ./run_tests.sh                      everything (about 15 minutes on 2 cores)
 #   ./run_tests.sh tests/unit -x        a part
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
