@@ -1,6 +1,6 @@
 """Idle event streams: what N open GET /jobs/{id}/events streams cost a render on the same worker.
 
-    python -m bench.idle_streams --url http://127.0.0.1:8080 --streams 0,3000 --runs 3
+    python -m bench.idle_streams --url http://127.0.0.1:8080 --streams 0,3000 --runs 3 --sources 16   # via nginx
     python -m bench.idle_streams --url http://127.0.0.1:8001 --streams 0,500,3000 --size 768 --window 4
 
 Per run, on a worker (directly or through nginx, which routes a job's calls to the worker that owns it): a
@@ -34,10 +34,12 @@ def raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def open_stream(url: str, job_id: str, headers: dict | None = None):
-    """One SSE connection, returned once its first event arrived (so the server holds it)."""
+async def open_stream(url: str, job_id: str, headers: dict | None = None, source: str | None = None):
+    """One SSE connection, returned once its first event arrived (so the server holds it). `source`: the local
+    address to connect from (nginx bounds the connections of one client address)."""
     parts = urllib.parse.urlsplit(url)
-    reader, writer = await asyncio.open_connection(parts.hostname, parts.port or 80)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port or 80,
+                                                   local_addr=(source, 0) if source else None)
     extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     writer.write(f"GET /jobs/{job_id}/events HTTP/1.1\r\nHost: {parts.netloc}\r\nAccept: text/event-stream\r\n"
                  f"{extra}\r\n".encode())
@@ -50,15 +52,17 @@ async def open_stream(url: str, job_id: str, headers: dict | None = None):
     return reader, writer
 
 
-async def open_streams(url: str, job_id: str, n: int, headers: dict | None = None, parallel: int = 200):
+async def open_streams(url: str, job_id: str, n: int, headers: dict | None = None, parallel: int = 200,
+                       sources: list[str] | None = None):
     streams: list = []
     limit = asyncio.Semaphore(parallel)
 
-    async def one():
+    async def one(i: int):
         async with limit:
-            streams.append(await open_stream(url, job_id, headers))
+            source = sources[i % len(sources)] if sources else None
+            streams.append(await open_stream(url, job_id, headers, source))
 
-    await asyncio.gather(*(one() for _ in range(n)))
+    await asyncio.gather(*(one(i) for i in range(n)))
     return streams
 
 
@@ -93,7 +97,8 @@ def seconds_per_step(steps: list[tuple[float, int]], start: float, end: float) -
     return (t1 - t0) / (s1 - s0)
 
 
-async def one_run(url: str, streams_n: int, body: dict, window_s: float, headers: dict | None = None) -> dict:
+async def one_run(url: str, streams_n: int, body: dict, window_s: float, headers: dict | None = None,
+                  sources: list[str] | None = None) -> dict:
     """M's seconds per step over window_s with streams_n idle streams open on T."""
     async with httpx.AsyncClient(base_url=url, timeout=60, headers=headers) as http:
         measured = (await http.post("/jobs", json=body)).json()["job_id"]
@@ -105,7 +110,7 @@ async def one_run(url: str, streams_n: int, body: dict, window_s: float, headers
         try:
             await asyncio.wait_for(started.wait(), 120)
             target = (await http.post("/jobs", json=dict(body, prompt="target"))).json()["job_id"]
-            streams = await open_streams(url, target, streams_n, headers)
+            streams = await open_streams(url, target, streams_n, headers, sources=sources)
             await asyncio.sleep(0.5)  # let the opening settle
             start = time.perf_counter()
             latencies = []
@@ -132,12 +137,12 @@ async def one_run(url: str, streams_n: int, body: dict, window_s: float, headers
 
 
 async def measure(url: str, levels: list[int], runs: int, body: dict, window_s: float = 3.0,
-                  headers: dict | None = None) -> list[dict]:
+                  headers: dict | None = None, sources: list[str] | None = None) -> list[dict]:
     """Runs alternate between levels, so drift (thermal, other load) touches every level alike."""
     results: dict[int, list[dict]] = {n: [] for n in levels}
     for _ in range(runs):
         for n in levels:
-            results[n].append(await one_run(url, n, body, window_s, headers))
+            results[n].append(await one_run(url, n, body, window_s, headers, sources))
     rows = []
     for n in levels:
         rs = results[n]
@@ -164,13 +169,16 @@ def main(argv=None) -> int:
                     "the window")
     ap.add_argument("--window", type=float, default=3.0, help="seconds over which its step rate is measured")
     ap.add_argument("--api-key", default=None)
+    ap.add_argument("--sources", type=int, default=0, help="open the streams from this many loopback addresses "
+                    "(127.0.0.2, 127.0.0.3, ...): nginx bounds the connections of one address (limit_conn)")
     args = ap.parse_args(argv)
     raise_open_file_limit()
     levels = [int(s) for s in args.streams.split(",")]
     body = {"prompt": "measured", "width": args.size, "height": args.size, "num_inference_steps": args.steps,
             "seed": 3}
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
-    rows = asyncio.run(measure(args.url, levels, args.runs, body, args.window, headers))
+    sources = [f"127.0.0.{i + 2}" for i in range(args.sources)] or None
+    rows = asyncio.run(measure(args.url, levels, args.runs, body, args.window, headers, sources))
     result = run_header("idle_streams", f"idle-streams-{args.size}-{args.steps}", "bench.idle_streams",
                         argv if argv is not None else __import__("sys").argv[1:])
     result.update({"url": args.url, "body": body, "runs": args.runs, "window_s": args.window, "rows": rows})
