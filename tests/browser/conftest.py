@@ -19,21 +19,12 @@ from pathlib import Path
 import pytest
 
 from tests.ports import free_port_block
+from tests.harness.process import pid_alive
 
 ROOT = Path(__file__).resolve().parents[2]
 START = ROOT / "start_multi_gpu.sh"
 API_KEY = "browser-test-key"
 ARTIFACTS = Path(os.environ.get("FLUX_TEST_ARTIFACTS", ROOT / "test-artifacts")) / "screenshots"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Stack:
@@ -96,7 +87,7 @@ def stack(tmp_path_factory):
     finally:
         s.run("stop", timeout=120)
         for pid in pids:  # never leave a process behind
-            if _alive(pid):
+            if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
 

@@ -173,3 +173,22 @@ def start_all(*workers: Worker, timeout: float = 180.0, interval: float = 0.2) -
         for worker in workers:
             worker.stop(5)
         raise
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one owned by another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def healthy(url: str) -> bool:
+    """Whether GET {url}/health answers 200 (a worker that is ready, or nginx in front of one)."""
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -28,6 +28,7 @@ import pytest
 from scripts.fleet import FleetError, parse_inventory, worker_id
 from tests.integration.nginx_proc import world_readable_tmp
 from tests.ports import free_port_block
+from tests.harness.process import pid_alive
 
 ROOT = Path(__file__).resolve().parents[2]
 START = ROOT / "start_multi_gpu.sh"
@@ -47,14 +48,6 @@ def _request(method: str, url: str, body: dict | None = None, headers: dict | No
             return resp.status, resp.headers, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.headers, exc.read()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _accepts(address: str, port: int) -> bool:
@@ -163,7 +156,7 @@ def fleet(tmp_path_factory):
             except (OSError, ValueError):
                 pass
         for pid in pids:  # never leave a process behind, even when stop is broken
-            if _pid_alive(pid):
+            if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(f.env["FLUX_OUTPUT_DIR"], ignore_errors=True)
 

@@ -25,6 +25,7 @@ import pytest
 
 from tests.integration.nginx_proc import world_readable_tmp
 from tests.ports import free_port_block, port_free
+from tests.harness.process import pid_alive
 
 ROOT = Path(__file__).resolve().parents[2]
 START = ROOT / "start_multi_gpu.sh"
@@ -67,16 +68,6 @@ def _get_json(url: str) -> dict:
 
 def _completed(port: int) -> int:
     return int(_get_json(f"http://127.0.0.1:{port}/queue-stats")["completed"])
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Fleet:
@@ -132,7 +123,7 @@ def fleet(tmp_path_factory):
     finally:
         f.run(START, "stop", timeout=120)
         for pid in pids:  # never leave a process behind, even when stop is broken
-            if _pid_alive(pid):
+            if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(f.env["FLUX_OUTPUT_DIR"], ignore_errors=True)
 
@@ -383,7 +374,7 @@ def test_stop_leaves_no_process_and_no_port(fleet):
     result = fleet.run(START, "stop", timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     for pid in pids:
-        assert not _pid_alive(pid), f"pid {pid} still runs"
+        assert not pid_alive(pid), f"pid {pid} still runs"
     for port in [*fleet.ports, fleet.nginx_port]:
         assert not _listening(port), f"port {port} still bound"
     again = fleet.run(START, "stop")

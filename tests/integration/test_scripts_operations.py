@@ -17,6 +17,7 @@ import pytest
 
 from tests.integration.nginx_proc import world_readable_tmp
 from tests.ports import free_port, free_port_block
+from tests.harness.process import pid_alive
 
 ROOT = Path(__file__).resolve().parents[2]
 START = ROOT / "start_multi_gpu.sh"
@@ -38,14 +39,6 @@ def _env(tmp: Path, **extra: str) -> dict:
 
 def _run(script: Path, env: dict, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run([str(script), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 class _Foreign:
@@ -104,11 +97,11 @@ def test_ctrl_c_during_start_stops_the_loading_workers(tmp_path):
         out, err = proc.communicate(timeout=60)
     finally:
         for pid in pids:
-            if _alive(pid):
+            if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
     assert proc.returncode != 0
     assert "interrupted" in err and "stopping what was started" in err, out + err
-    assert not any(_alive(pid) for pid in pids)
+    assert not any(pid_alive(pid) for pid in pids)
     assert _run(START, env, "status").returncode == 3
 
 

@@ -20,6 +20,7 @@ from models.dummy import SPECS
 from tests.ports import free_port
 from tests.production.conftest import LEAK_RE, PYTHON, wait_until
 from tests.production.test_nginx import START, Supervised
+from tests.harness.process import healthy
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
@@ -30,13 +31,6 @@ def _b64(image: Image.Image, fmt="PNG") -> str:
     buf = io.BytesIO()
     image.save(buf, format=fmt)
     return base64.b64encode(buf.getvalue()).decode()
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +62,8 @@ def stack(tmp_path_factory):
     worker = Supervised([str(START), "worker", "0"], env, logs / "unit-worker0.log").start()
     nginx = Supervised([str(START), "nginx"], env, logs / "unit-nginx.log").start()
     try:
-        wait_until(lambda: _healthy(f"http://127.0.0.1:{port}"), 180, 0.3, "worker")
-        wait_until(lambda: _healthy(f"http://127.0.0.1:{nginx_port}"), 30, 0.2, "nginx")
+        wait_until(lambda: healthy(f"http://127.0.0.1:{port}"), 180, 0.3, "worker")
+        wait_until(lambda: healthy(f"http://127.0.0.1:{nginx_port}"), 30, 0.2, "nginx")
         yield {"nginx": f"http://127.0.0.1:{nginx_port}", "worker": f"http://127.0.0.1:{port}", "logs": logs}
     finally:
         worker.stop()

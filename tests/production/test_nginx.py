@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from tests.ports import free_port_block
+from tests.harness.process import healthy
 from tests.production.conftest import (LONG_JOB, PYTHON, QUICK_JOB, ROOT, assert_png, free_port, sse_events,
                                        wait_until)
 
@@ -95,8 +96,8 @@ class Cluster:
         for unit in (*self.workers, self.nginx):
             unit.start()
         for port in self.ports:
-            wait_until(lambda p=port: _healthy(f"http://127.0.0.1:{p}"), 180, 0.3, f"worker on port {port}")
-        wait_until(lambda: _healthy(self.url), 30, 0.2, "nginx")
+            wait_until(lambda p=port: healthy(f"http://127.0.0.1:{p}"), 180, 0.3, f"worker on port {port}")
+        wait_until(lambda: healthy(self.url), 30, 0.2, "nginx")
 
     def stop(self) -> None:
         self.client.close()
@@ -110,13 +111,6 @@ class Cluster:
     def log_tails(self) -> str:
         return "\n".join(f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-15:])
                          for p in sorted(self.logs.glob("*.log")))
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +285,7 @@ def test_kill_9_under_load_fails_only_the_victims_requests_and_it_comes_back(clu
 
     # supervision restarts it, and nginx sends it traffic again once it is healthy
     wait_until(lambda: unit.proc.pid != old_pid, 30, 0.1, "the victim to be restarted")
-    wait_until(lambda: _healthy(c.worker_url(victim)), 120, 0.3, "the restarted victim to be healthy")
+    wait_until(lambda: healthy(c.worker_url(victim)), 120, 0.3, "the restarted victim to be healthy")
     deadline = time.monotonic() + 60  # nginx's fail_timeout (30 s) plus margin
     with httpx.Client(base_url=c.url, timeout=60) as client:
         while time.monotonic() < deadline:
