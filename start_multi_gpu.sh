@@ -221,7 +221,9 @@ wait_for_workers() {
                 show_log_tail "$(worker_log "$i")"
                 return 1
             fi
-            state="$(worker_state "$(worker_port "$i")")"
+            # one /health answer gives both the state and the progress shown for it
+            http_get "http://$(probe_host):$(worker_port "$i")/health" 2
+            state="$(health_state)"
             case "$state" in
                 ready) info "GPU $i ready on port $(worker_port "$i") after $((SECONDS - start))s"
                     took+=("GPU$i $((SECONDS - start))s") ;;
@@ -229,7 +231,7 @@ wait_for_workers() {
                     error "GPU $i worker (port $(worker_port "$i")) failed to load the model"
                     show_log_tail "$(worker_log "$i")"
                     return 1 ;;
-                loading) still+=("$i"); line+=" GPU$i:$(worker_progress "$(worker_port "$i")")" ;;
+                loading) still+=("$i"); line+=" GPU$i:$(worker_progress "$((SECONDS - start))")" ;;
                 *) still+=("$i"); line+=" GPU$i:$state" ;;
             esac
         done
@@ -249,15 +251,17 @@ wait_for_workers() {
     info "ready after: ${took[*]}"
 }
 
-# One worker's start-up progress from its /health body while it loads, e.g.
-# "warmup 1024x1024 1/3 (41s, last start 31s)" or "loading (12s)".
+# One worker's start-up progress from the /health body http_get last fetched, e.g.
+# "warmup 1024x1024 1/3 (41s, last start 31s)" or "loading (12s)"; $1: seconds waited so far, shown when
+# the body says no more (a worker that has not reported a phase yet).
 worker_progress() {
     local phase item done_n total item_s expected elapsed
-    http_get "http://127.0.0.1:$1/health" 2
     { read -r phase; read -r item; read -r done_n; read -r total; read -r item_s; read -r expected; read -r elapsed; } < <(
         json_get "$HTTP_BODY" progress.phase progress.item progress.done progress.total progress.item_elapsed_s \
             progress.expected_s progress.elapsed_s)
-    [[ -n "$phase" ]] || { echo loading; return; }
+    [[ -n "$phase" ]] || { echo "loading ($1s)"; return; }
+    [[ "$item_s" =~ ^[0-9] ]] || item_s=0
+    [[ "$elapsed" =~ ^[0-9] ]] || elapsed="$1"
     case "$phase" in
         warmup) printf 'warmup %s %s/%s (%ss%s)' "${item// /_}" "$((${done_n:-0} + 1))" "$total" "${item_s%.*}" \
             "$([[ -n "$expected" && "$expected" != null ]] && echo ", last start ${expected%.*}s")" ;;

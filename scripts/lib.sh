@@ -266,8 +266,13 @@ worker_id_for() {
 
 # Worker state from /health: ready | loading | draining | failed | degraded | down.
 worker_state() {
-    local state
     http_get "http://$(probe_host):$1/health" 2
+    health_state
+}
+
+# The state in the /health answer http_get last fetched (HTTP_CODE, HTTP_BODY).
+health_state() {
+    local state
     if [[ "$HTTP_CODE" == 000 ]]; then echo down; return; fi
     state="$(json_get "$HTTP_BODY" status)"
     if [[ "$HTTP_CODE" == 200 ]]; then echo "${state:-ready}"; else echo "${state:-http$HTTP_CODE}"; fi
