@@ -340,11 +340,12 @@ def _conf_directives(text: str):
             i = m.end()
 
 
-def conf_listen_ports(text: str, conf_dir: Path | None = None, _seen: set | None = None) -> list[int]:
+def conf_listen_ports(text: str, conf_dir: Path | None = None, seen: set | None = None) -> list[int]:
     """Ports of the `listen` directives in an nginx config, in order (comments and quoted strings ignored).
     With conf_dir (the folder of the main config, where nginx resolves relative paths), files named by
-    `include` are read too, as in Debian's nginx.conf whose servers live in sites-enabled/*."""
-    seen = set() if _seen is None else _seen
+    `include` are read too, as in Debian's nginx.conf whose servers live in sites-enabled/*; seen: the real
+    paths already read (the main file), so a file that includes itself is read once."""
+    seen = set() if seen is None else seen
     ports = []
     for name, args in _conf_directives(text):
         if name == "listen" and args:
@@ -396,7 +397,8 @@ def main(argv: list[str]) -> int:
             print("usage: render_nginx.py listen-port FILE", file=sys.stderr)
             return 2
         conf = Path(argv[1]).resolve()
-        ports = conf_listen_ports(conf.read_text(encoding="utf-8", errors="replace"), conf.parent)
+        ports = conf_listen_ports(conf.read_text(encoding="utf-8", errors="replace"), conf.parent,
+                                  {os.path.realpath(conf)})
         print(" ".join(map(str, ports)))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
