@@ -129,6 +129,14 @@ class Settings(BaseSettings):
 
     log_level: str = "info"
 
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, value: str) -> str:
+        # uvicorn's levels; anything else would fail later, in logging's set-up, with a traceback
+        if value.strip().lower() not in ("critical", "error", "warning", "info", "debug", "trace"):
+            raise ValueError("use critical, error, warning, info, debug or trace")
+        return value.strip().lower()
+
     @field_validator("worker_id")
     @classmethod
     def _worker_id_chars(cls, value: str | None) -> str | None:

@@ -96,6 +96,7 @@ def test_start_with_a_one_line_custom_conf_whose_server_is_included(tmp_path):
     ("FP4_API_PORT", "abc", "FP4_API_PORT='abc': Input should be a valid integer"),
     ("FLUX_MAX_CONCURRENT", "0", "FLUX_MAX_CONCURRENT='0': Input should be greater than or equal to 1"),
     ("FLUX_DRAIN_TIMEOUT", "-1", "FLUX_DRAIN_TIMEOUT='-1'"),
+    ("FLUX_LOG_LEVEL", "loud", "FLUX_LOG_LEVEL='loud': Value error, use critical, error, warning, info, debug"),
 ])
 def test_a_bad_knob_stops_the_worker_with_one_line_naming_it(tmp_path, variable, value, words):
     """The guide's knobs (FP4_API_PORT, FLUX_MAX_CONCURRENT, ...) with a bad value: the worker exits 2 with
@@ -124,6 +125,27 @@ def test_a_refused_secret_is_named_never_shown(monkeypatch):
         "Settings", [{"type": "missing", "loc": ("api_key_file",), "input": "hunter2"}])
     line = describe_invalid(refused, "bf16", env)
     assert "FLUX_API_KEY_FILE=<hidden>" in line and "hunter2" not in line
+
+
+def test_every_log_level_uvicorn_knows_is_accepted(monkeypatch):
+    """FLUX_LOG_LEVEL takes uvicorn's levels, in any case, trace included (unknown to Python's logging)."""
+    import io
+    import logging
+
+    from api.logs import configure_logging
+    from api.settings import load_settings
+
+    root = logging.getLogger()
+    saved = root.level, root.handlers[:]
+    try:
+        for level in ("critical", "error", "warning", "info", "debug", "trace", "TRACE", "Debug"):
+            monkeypatch.setenv("FLUX_LOG_LEVEL", level)
+            settings = load_settings("bf16")
+            configure_logging(settings.log_level, stream=io.StringIO())
+            assert logging.getLevelName(root.level) == settings.log_level.upper()
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
 
 
 @pytest.mark.parametrize("interval", ["abc", "0", "-1", "1e3"])
