@@ -355,6 +355,12 @@ prepare_nginx_conf() {
         render_nginx "${args[@]}" --out "$NGINX_PREFIX/.unused.conf" --workers-json-out "$NGINX_PREFIX/workers.json" ||
             return 1
         rm -f "$NGINX_PREFIX/.unused.conf"
+        # the shipped configs serve /ui/ and /dashboard/ from web/ under nginx's prefix (a copy: they refuse symlinks)
+        if ! { rm -rf "$NGINX_PREFIX/web" && cp -R "$FLUX_PROJECT_DIR/web" "$NGINX_PREFIX/web"; }; then
+            warn "cannot copy the web pages to $NGINX_PREFIX/web: /ui/ and /dashboard/ of a shipped config will answer 404"
+        elif [[ -n "$account" ]] && ! user_can_read_dir "${account%% *}" "$NGINX_PREFIX/web"; then
+            warn "nginx runs as ${account%% *}, which cannot reach $NGINX_PREFIX/web: /ui/ and /dashboard/ of a shipped config will answer 403 (set FLUX_RUN_DIR to a folder it can read)"
+        fi
     else
         NGINX_CONF_USED="$NGINX_PREFIX/nginx.conf"
         render_nginx "${args[@]}" --out "$NGINX_CONF_USED" --workers-json-out "$NGINX_PREFIX/workers.json" || return 1

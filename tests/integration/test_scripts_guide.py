@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.ports import free_port
+from tests.integration.nginx_proc import world_readable_tmp
+from tests.ports import free_port, free_port_block
 
 ROOT = Path(__file__).resolve().parents[2]
 START = ROOT / "start_multi_gpu.sh"
@@ -90,6 +91,42 @@ def test_start_with_a_one_line_custom_conf_whose_server_is_included(tmp_path):
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert subprocess.run([str(START), "status"], cwd=ROOT, env=env, capture_output=True,
                           timeout=60).returncode == 3
+
+
+@needs_nginx
+def test_start_with_the_shipped_nginx_conf_serves_the_api_images_and_pages(tmp_path):
+    """The guide's `-c` with the shipped nginx.conf, its ports moved to free ones (ports, pools and worker ids:
+    the edit the guide asks for) and one worker of its eight running: /generate, the image, /ui/ and
+    /dashboard/ all answer through it."""
+    base, nginx_port = free_port_block(8), free_port()
+    text = (ROOT / "nginx.conf").read_text()
+    text = re.sub(r"\b800([0-7])\b", lambda m: str(base + int(m.group(1))), text)
+    text = text.replace("listen 80;", f"listen 127.0.0.1:{nginx_port};")
+    conf = tmp_path / "custom.conf"
+    conf.write_text(text)
+    run_dir = world_readable_tmp(tmp_path)  # nginx's unprivileged workers read the pages under its prefix
+    env = _env(tmp_path, NUM_GPUS="1", BASE_PORT=str(base), FLUX_RUN_DIR=str(run_dir))
+    started = subprocess.run([str(START), "-c", str(conf)], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=240)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert "/web" not in started.stderr, started.stderr
+        url = f"http://127.0.0.1:{nginx_port}"
+        req = urllib.request.Request(f"{url}/generate", method="POST",
+                                     data=json.dumps({"prompt": "A futuristic city", "width": 256, "height": 256,
+                                                      "seed": 42}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            image_url = json.loads(resp.read())["image_url"]
+        assert image_url.startswith(url + "/images/"), image_url
+        with urllib.request.urlopen(image_url, timeout=30) as resp:
+            assert resp.read(8) == b"\x89PNG\r\n\x1a\n"
+        for page in ("/ui/", "/dashboard/"):
+            with urllib.request.urlopen(url + page, timeout=10) as resp:
+                assert resp.status == 200 and b"<html" in resp.read().lower(), page
+    finally:
+        subprocess.run([str(START), "stop"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @pytest.mark.parametrize("variable, value, words", [
