@@ -509,6 +509,7 @@ cmd_start() {
     [[ -z "$CUSTOM_CONF" ]] || custom_conf_port
     [[ "$WORKERS_ONLY" == 0 ]] || check_workers_only
     resolve_python
+    [[ -n "$CUSTOM_CONF" || "$WORKERS_ONLY" == 1 ]] || warn_edited_shipped_confs
 
     if [[ "$CPU_MODE" == 1 ]]; then
         banner "*** CPU DEMO: no GPU in use (FLUX_DEVICE=${FLUX_DEVICE:-auto}, nvidia-smi $(have nvidia-smi && echo found || echo missing)) ***"
@@ -551,6 +552,23 @@ cmd_start() {
     print_table || true
     echo
     print_endpoint
+}
+
+# The guide's "edit nginx.conf": `start` renders its own config for the workers it starts, so an edit of a
+# shipped file (nginx.conf: 8 fp4 workers, nginx_mixed.conf: 4 fp4 + 4 bf16) is not used unless the file is
+# given with -c. Says so when a shipped file is no longer what the renderer makes for it.
+warn_edited_shipped_confs() {
+    local conf modes i rendered
+    local -a args
+    for conf in nginx.conf nginx_mixed.conf; do
+        [[ -f "$FLUX_PROJECT_DIR/$conf" ]] || continue
+        if [[ "$conf" == nginx.conf ]]; then modes=(fp4 fp4 fp4 fp4 fp4 fp4 fp4 fp4); else modes=(fp4 fp4 fp4 fp4 bf16 bf16 bf16 bf16); fi
+        args=(--listen 80 --max-body 1m --read-timeout 600s --burst 20 --lora-affinity on)
+        for ((i = 0; i < 8; i++)); do args+=(--worker "$((8000 + i)):${modes[$i]}"); done
+        rendered="$(render_nginx "${args[@]}" 2>/dev/null)" || return 0
+        [[ "$rendered" == "$(cat "$FLUX_PROJECT_DIR/$conf")" ]] && continue
+        warn "$conf was edited, but start renders its own nginx config for the workers it starts (NUM_GPUS, BASE_PORT, -m): to run your edit, start with -c $conf"
+    done
 }
 
 # --workers-only: the workers are reached from the gateway at FLUX_HOST, and their ids name it.

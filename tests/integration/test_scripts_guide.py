@@ -129,6 +129,31 @@ def test_start_with_the_shipped_nginx_conf_serves_the_api_images_and_pages(tmp_p
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def test_an_edit_of_the_shipped_nginx_conf_is_not_silently_ignored(tmp_path):
+    """The guide says to edit nginx.conf's upstream; `start` renders its own config, so it says that the edit is
+    not used and how to use it (-c). An unedited checkout starts without the warning."""
+    project = tmp_path / "project"
+    for name in ("start_multi_gpu.sh", "nginx.conf", "nginx_mixed.conf", "main_fp4.py", "scripts", "deploy/nginx"):
+        src, dst = ROOT / name, project / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+    env = _env(tmp_path, NUM_GPUS="1", BASE_PORT=str(free_port()), NGINX_PORT=str(free_port()),
+               FLUX_HEALTH_TIMEOUT="30")
+
+    def start() -> str:  # the copy has no api/: its worker exits at once, and start stops
+        proc = subprocess.run([str(project / "start_multi_gpu.sh")], cwd=project, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode != 0
+        return proc.stderr
+
+    assert "was edited" not in start()
+    conf = project / "nginx.conf"
+    conf.write_text(re.sub(r"(?m)^\s*server 127\.0\.0\.1:800[4-7] .*\n", "", conf.read_text()))  # the guide's edit
+    said = start()
+    assert "nginx.conf was edited" in said and "start with -c nginx.conf" in said, said
+    assert "nginx_mixed.conf was edited" not in said
+
+
 @pytest.mark.parametrize("variable, value, words", [
     ("FP4_API_PORT", "abc", "FP4_API_PORT='abc': Input should be a valid integer"),
     ("FLUX_MAX_CONCURRENT", "0", "FLUX_MAX_CONCURRENT='0': Input should be greater than or equal to 1"),
