@@ -121,6 +121,18 @@ expand_gpu_groups() {
     NUM_WORKERS=${#GPU_GROUPS[@]}
 }
 
+# A worker of several GPUs (-g) renders through NCCL on CUDA GPUs: on a machine without them (the CPU demo) it
+# would load and then fail; refuse it before anything starts. FLUX_PARALLEL_BACKEND=gloo (CPU groups, for
+# tests) is let through.
+check_groups_fit_device() {
+    local group
+    [[ "$CPU_MODE" == 1 && "${FLUX_PARALLEL_BACKEND:-auto}" != gloo ]] || return 0
+    for group in "${GPU_GROUPS[@]}"; do
+        [[ "$group" != *,* ]] ||
+            fatal "-g $GPU_SPEC gives a worker GPUs $group, but this machine runs the CPU demo (no nvidia-smi, or FLUX_DEVICE=cpu): a worker of several GPUs needs CUDA GPUs; use -g 1 here"
+    done
+}
+
 # The interpreter for the workers: FLUX_PYTHON, the active virtualenv/conda env, ./.venv, or a
 # fresh ./.venv with requirements.txt so the first start on a new machine is one command.
 resolve_python() {
@@ -491,6 +503,7 @@ cmd_start() {
     local -a modes
     local i port holder pids prec
     resolve_settings
+    check_groups_fit_device
     mkdir -p "$RUN_DIR" "$LOG_DIR" "$OUTPUT_DIR"
     pids="$(running_pids)"
     if [[ -n "$pids" ]]; then
@@ -750,6 +763,7 @@ cmd_worker() {
         expand_gpu_groups 1 "$NUM_GPUS"
     fi
     ((i < NUM_WORKERS)) || fatal "worker $i: -g $GPU_SPEC over $NUM_GPUS GPUs makes $NUM_WORKERS workers"
+    check_groups_fit_device
     MODES="$(expand_modes "$MODE_SPEC" "$NUM_WORKERS")"
     read -r -a modes <<<"$MODES"
     resolve_python

@@ -154,6 +154,18 @@ def test_an_edit_of_the_shipped_nginx_conf_is_not_silently_ignored(tmp_path):
     assert "nginx_mixed.conf was edited" not in said
 
 
+@pytest.mark.parametrize("args", [["-g", "2"], ["worker", "1", "-g", "2"], ["start", "-g", "1,2", "-m", "bf16,fp8"]])
+def test_a_gpu_group_on_a_cpu_machine_is_refused_before_anything_starts(tmp_path, args):
+    """-g (a worker of several GPUs, latency mode) is a GPU-only flag: the CPU demo accepts the flag and says in
+    one line why it cannot run it, instead of starting a worker that fails to load."""
+    env = _env(tmp_path, NUM_GPUS="3" if "1,2" in args else "4", BASE_PORT=str(free_port()),
+               NGINX_PORT=str(free_port()))
+    proc = subprocess.run([str(START), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "needs CUDA GPUs; use -g 1 here" in proc.stderr, proc.stderr
+    assert not list((tmp_path / "run").glob("worker_gpu*")), "a worker was started"
+
+
 @pytest.mark.parametrize("variable, value, words", [
     ("FP4_API_PORT", "abc", "FP4_API_PORT='abc': Input should be a valid integer"),
     ("FLUX_MAX_CONCURRENT", "0", "FLUX_MAX_CONCURRENT='0': Input should be greater than or equal to 1"),
