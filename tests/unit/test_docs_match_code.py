@@ -103,3 +103,12 @@ def test_the_error_table_lists_every_code_sent_and_no_other():
     assert {"queue_full", "bad_gateway", "method_not_allowed", "worker_not_found"} <= produced
     assert produced - documented == set(), f"sent but not in docs/API.md's error table: {produced - documented}"
     assert documented - produced == set(), f"in docs/API.md's error table, sent by nothing: {documented - produced}"
+
+
+def test_every_named_error_is_raised_somewhere():
+    """A documented worker code is produced, not only declared: each ApiError subclass is used outside errors.py."""
+    sources = "\n".join(p.read_text() for p in [*(ROOT / "api").glob("*.py"), *(ROOT / "models").glob("*.py")]
+                        if p.name != "errors.py")
+    unused = [cls.__name__ for cls in api.errors.ApiError.__subclasses__()
+              if not re.search(rf"\b{cls.__name__}\b", sources)]
+    assert not unused, f"declared in api/errors.py, raised nowhere: {unused}"
