@@ -244,6 +244,8 @@ wait_for_workers() {
                     show_log_tail "$(worker_log "$i")"
                     return 1 ;;
                 loading) still+=("$i"); line+=" GPU$i:$(worker_progress "$((SECONDS - start))")" ;;
+                # alive (checked above) but not answering yet: Python and torch still importing
+                down) still+=("$i"); line+=" GPU$i:starting ($((SECONDS - start))s)" ;;
                 *) still+=("$i"); line+=" GPU$i:$state" ;;
             esac
         done
