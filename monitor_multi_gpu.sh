@@ -256,6 +256,8 @@ main() {
         esac
         shift
     done
+    [[ "$interval" =~ ^([0-9]+[.]?[0-9]*|[.][0-9]+)$ && ! "$interval" =~ ^[0.]+$ ]] ||
+        fatal "--interval needs a number of seconds above 0, got '$interval'"
     if [[ -n "$FLEET_FILE" ]]; then monitor_fleet "$once" "$interval"; fi
     resolve_targets
     if ((once)); then

@@ -15,6 +15,8 @@ done
 # nginx's headers-more module: the rendered config drops the `Server: nginx` header with it
 [[ -f /usr/lib/nginx/modules/ngx_http_headers_more_filter_module.so ]] ||
     missing+=(libnginx-mod-http-headers-more-filter)
+# the systemd units are checked with systemd-analyze verify (tests/integration/test_scripts_guide.py)
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 # the browser tests (tests/browser) drive a headless Chromium
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)

@@ -121,6 +121,18 @@ expand_gpu_groups() {
     NUM_WORKERS=${#GPU_GROUPS[@]}
 }
 
+# A worker of several GPUs (-g) renders through NCCL on CUDA GPUs: on a machine without them (the CPU demo) it
+# would load and then fail; refuse it before anything starts. FLUX_PARALLEL_BACKEND=gloo (CPU groups, for
+# tests) is let through.
+check_groups_fit_device() {
+    local group
+    [[ "$CPU_MODE" == 1 && "${FLUX_PARALLEL_BACKEND:-auto}" != gloo ]] || return 0
+    for group in "${GPU_GROUPS[@]}"; do
+        [[ "$group" != *,* ]] ||
+            fatal "-g $GPU_SPEC gives a worker GPUs $group, but this machine runs the CPU demo (no nvidia-smi, or FLUX_DEVICE=cpu): a worker of several GPUs needs CUDA GPUs; use -g 1 here"
+    done
+}
+
 # The interpreter for the workers: FLUX_PYTHON, the active virtualenv/conda env, ./.venv, or a
 # fresh ./.venv with requirements.txt so the first start on a new machine is one command.
 resolve_python() {
@@ -232,6 +244,8 @@ wait_for_workers() {
                     show_log_tail "$(worker_log "$i")"
                     return 1 ;;
                 loading) still+=("$i"); line+=" GPU$i:$(worker_progress "$((SECONDS - start))")" ;;
+                # alive (checked above) but not answering yet: Python and torch still importing
+                down) still+=("$i"); line+=" GPU$i:starting ($((SECONDS - start))s)" ;;
                 *) still+=("$i"); line+=" GPU$i:$state" ;;
             esac
         done
@@ -355,6 +369,12 @@ prepare_nginx_conf() {
         render_nginx "${args[@]}" --out "$NGINX_PREFIX/.unused.conf" --workers-json-out "$NGINX_PREFIX/workers.json" ||
             return 1
         rm -f "$NGINX_PREFIX/.unused.conf"
+        # the shipped configs serve /ui/ and /dashboard/ from web/ under nginx's prefix (a copy: they refuse symlinks)
+        if ! { rm -rf "$NGINX_PREFIX/web" && cp -R "$FLUX_PROJECT_DIR/web" "$NGINX_PREFIX/web"; }; then
+            warn "cannot copy the web pages to $NGINX_PREFIX/web: /ui/ and /dashboard/ of a shipped config will answer 404"
+        elif [[ -n "$account" ]] && ! user_can_read_dir "${account%% *}" "$NGINX_PREFIX/web"; then
+            warn "nginx runs as ${account%% *}, which cannot reach $NGINX_PREFIX/web: /ui/ and /dashboard/ of a shipped config will answer 403 (set FLUX_RUN_DIR to a folder it can read)"
+        fi
     else
         NGINX_CONF_USED="$NGINX_PREFIX/nginx.conf"
         render_nginx "${args[@]}" --out "$NGINX_CONF_USED" --workers-json-out "$NGINX_PREFIX/workers.json" || return 1
@@ -485,6 +505,7 @@ cmd_start() {
     local -a modes
     local i port holder pids prec
     resolve_settings
+    check_groups_fit_device
     mkdir -p "$RUN_DIR" "$LOG_DIR" "$OUTPUT_DIR"
     pids="$(running_pids)"
     if [[ -n "$pids" ]]; then
@@ -503,6 +524,7 @@ cmd_start() {
     [[ -z "$CUSTOM_CONF" ]] || custom_conf_port
     [[ "$WORKERS_ONLY" == 0 ]] || check_workers_only
     resolve_python
+    [[ -n "$CUSTOM_CONF" || "$WORKERS_ONLY" == 1 ]] || warn_edited_shipped_confs
 
     if [[ "$CPU_MODE" == 1 ]]; then
         banner "*** CPU DEMO: no GPU in use (FLUX_DEVICE=${FLUX_DEVICE:-auto}, nvidia-smi $(have nvidia-smi && echo found || echo missing)) ***"
@@ -545,6 +567,23 @@ cmd_start() {
     print_table || true
     echo
     print_endpoint
+}
+
+# The guide's "edit nginx.conf": `start` renders its own config for the workers it starts, so an edit of a
+# shipped file (nginx.conf: 8 fp4 workers, nginx_mixed.conf: 4 fp4 + 4 bf16) is not used unless the file is
+# given with -c. Says so when a shipped file is no longer what the renderer makes for it.
+warn_edited_shipped_confs() {
+    local conf modes i rendered
+    local -a args
+    for conf in nginx.conf nginx_mixed.conf; do
+        [[ -f "$FLUX_PROJECT_DIR/$conf" ]] || continue
+        if [[ "$conf" == nginx.conf ]]; then modes=(fp4 fp4 fp4 fp4 fp4 fp4 fp4 fp4); else modes=(fp4 fp4 fp4 fp4 bf16 bf16 bf16 bf16); fi
+        args=(--listen 80 --max-body 1m --read-timeout 600s --burst 20 --lora-affinity on)
+        for ((i = 0; i < 8; i++)); do args+=(--worker "$((8000 + i)):${modes[$i]}"); done
+        rendered="$(render_nginx "${args[@]}" 2>/dev/null)" || return 0
+        [[ "$rendered" == "$(cat "$FLUX_PROJECT_DIR/$conf")" ]] && continue
+        warn "$conf was edited, but start renders its own nginx config for the workers it starts (NUM_GPUS, BASE_PORT, -m): to run your edit, start with -c $conf"
+    done
 }
 
 # --workers-only: the workers are reached from the gateway at FLUX_HOST, and their ids name it.
@@ -726,6 +765,7 @@ cmd_worker() {
         expand_gpu_groups 1 "$NUM_GPUS"
     fi
     ((i < NUM_WORKERS)) || fatal "worker $i: -g $GPU_SPEC over $NUM_GPUS GPUs makes $NUM_WORKERS workers"
+    check_groups_fit_device
     MODES="$(expand_modes "$MODE_SPEC" "$NUM_WORKERS")"
     read -r -a modes <<<"$MODES"
     resolve_python

@@ -59,5 +59,6 @@ def configure_logging(level: str, stream=None) -> None:
     and Python warnings propagate here, so they are escaped too."""
     handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(EscapingFormatter(FORMAT))
+    logging.addLevelName(5, "TRACE")  # uvicorn's level below DEBUG (FLUX_LOG_LEVEL=trace), unknown to logging
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     logging.captureWarnings(True)

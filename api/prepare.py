@@ -14,9 +14,11 @@ import logging
 import sys
 import time
 
+from pydantic import ValidationError
+
 from api.app import build_engine
 from api.server import configure_logging
-from api.settings import load_settings
+from api.settings import describe_invalid, load_settings
 
 log = logging.getLogger("flux.prepare")
 
@@ -25,7 +27,11 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1 or argv[0] not in ("bf16", "fp4", "fp8"):
         print("usage: python -m api.prepare bf16|fp4|fp8", file=sys.stderr)
         return 2
-    settings = load_settings(argv[0])
+    try:
+        settings = load_settings(argv[0])
+    except ValidationError as exc:
+        print(describe_invalid(exc, argv[0]), file=sys.stderr)
+        return 2
     configure_logging(settings.log_level)
     started = time.perf_counter()
     engine = build_engine(settings)

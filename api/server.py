@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 
 import uvicorn
+from pydantic import ValidationError
 
 from api.app import create_app
 from api.logs import configure_logging
 from api.protocol import guarded_protocol
-from api.settings import Precision, Settings, load_settings
+from api.settings import Precision, Settings, describe_invalid, load_settings
 
 log = logging.getLogger("flux.server")
 
@@ -71,7 +73,11 @@ def uvicorn_config(settings: Settings, app) -> uvicorn.Config:
 
 
 def run(precision: Precision) -> int:
-    settings = load_settings(precision)
+    try:
+        settings = load_settings(precision)
+    except ValidationError as exc:  # a bad knob: say which, in words, and exit 2 (no traceback)
+        print(describe_invalid(exc, precision), file=sys.stderr, flush=True)
+        return 2
     configure_logging(settings.log_level)
     app = create_app(settings)
     server = DrainingServer(uvicorn_config(settings, app), app.state.runtime)

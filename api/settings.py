@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from api.schemas import OutputFormat
@@ -129,6 +129,14 @@ class Settings(BaseSettings):
 
     log_level: str = "info"
 
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, value: str) -> str:
+        # uvicorn's levels; anything else would fail later, in logging's set-up, with a traceback
+        if value.strip().lower() not in ("critical", "error", "warning", "info", "debug", "trace"):
+            raise ValueError("use critical, error, warning, info, debug or trace")
+        return value.strip().lower()
+
     @field_validator("worker_id")
     @classmethod
     def _worker_id_chars(cls, value: str | None) -> str | None:
@@ -199,7 +207,7 @@ def load_settings(precision: Precision, environ: dict[str, str] | None = None) -
     overrides: dict = {"precision": precision}
     port = env.get(f"{precision.upper()}_API_PORT") or env.get("FLUX_PORT")
     if port:
-        overrides["port"] = int(port)
+        overrides["port"] = port  # validated with the rest: a bad value is a ValidationError naming the port
     if env.get("FLUX_GPU_INDEX") is None:
         first = env.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
         if first.isdigit():
@@ -208,3 +216,35 @@ def load_settings(precision: Precision, environ: dict[str, str] | None = None) -
         visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
         overrides["gpus_per_worker"] = max(1, len(visible))
     return Settings(**overrides)
+
+
+# Values never echoed back in a start-up error: they may be secrets.
+_SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD")
+
+
+def _env_names(field: str, precision: Precision) -> list[str]:
+    """The environment variables that set a Settings field (an error's loc is the field or an alias)."""
+    if field == "port":
+        return [f"{precision.upper()}_API_PORT", "FLUX_PORT"]
+    for name, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        choices = [c for c in alias.choices if isinstance(c, str)] if isinstance(alias, AliasChoices) else []
+        if field == name or field in choices:
+            return choices or [f"FLUX_{name.upper()}"]
+    return [field if field.isupper() else f"FLUX_{field.upper()}"]
+
+
+def describe_invalid(exc: ValidationError, precision: Precision, environ: dict[str, str] | None = None) -> str:
+    """One line per refused setting, named by the environment variable the operator set (FLUX_MAX_CONCURRENT,
+    FP4_API_PORT, ...) with its value, for the worker's exit message instead of a traceback."""
+    env = os.environ if environ is None else environ
+    lines = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err.get("loc") else ""
+        names = _env_names(field, precision)
+        name = next((n for n in names if env.get(n) is not None), names[0])
+        value = env.get(name)
+        shown = "" if value is None else ("=<hidden>" if any(w in name for w in _SECRET_WORDS)
+                                          else "=" + repr(value[:80]))
+        lines.append(f"invalid setting {name}{shown}: {err['msg']}")
+    return "\n".join(lines)

@@ -27,7 +27,7 @@ As a program (start_multi_gpu.sh):
     --pid / --temp-dir   where the pid file and temp folders go (a read-only prefix: /tmp in a container)
     --lora-affinity      on (default): a request naming LoRA adapters goes to the worker its first adapter hashes
                          to, among the pool's bf16/fp8 workers (fp4 refuses adapters); off: least_conn for all
-    render_nginx.py listen-port FILE     # prints the port of FILE's first `listen` (for -c checks)
+    render_nginx.py listen-port FILE     # prints the ports of FILE's `listen`s, includes read (for -c checks)
     render_nginx.py json-get KEY...      # reads JSON on stdin, prints each KEY's value on its own line
                                          # (a dotted KEY such as progress.phase reads into objects)
 
@@ -37,6 +37,7 @@ as the worker reads them. A config that holds keys is written with mode 0600.
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import json
 import os
@@ -306,19 +307,66 @@ def read_workers_file(path: str) -> list[Worker]:
     return workers
 
 
-def conf_listen_ports(text: str) -> list[int]:
-    """Ports of the `listen` directives in an nginx config (comments ignored)."""
+def _conf_directives(text: str):
+    """(name, args) of every directive in an nginx config, at any depth: quotes, escapes and `#` comments are
+    read as nginx reads them, so `server { listen 8080; }` on one line and a `listen` word inside a quoted
+    string or a comment are told apart."""
+    words: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "#":
+            i = text.find("\n", i)
+            i = n if i < 0 else i
+        elif c in ";{}":
+            if words:
+                yield words[0], words[1:]
+            words = []
+            i += 1
+        elif c.isspace():
+            i += 1
+        elif c in "\"'":
+            j, buf = i + 1, []
+            while j < n and text[j] != c:
+                if text[j] == "\\" and j + 1 < n:
+                    j += 1
+                buf.append(text[j])
+                j += 1
+            words.append("".join(buf))
+            i = j + 1
+        else:
+            m = re.compile(r"[^\s;{}]+").match(text, i)  # a # or quote inside a word is part of it
+            words.append(m.group(0))
+            i = m.end()
+
+
+def conf_listen_ports(text: str, conf_dir: Path | None = None, seen: set | None = None) -> list[int]:
+    """Ports of the `listen` directives in an nginx config, in order (comments and quoted strings ignored).
+    With conf_dir (the folder of the main config, where nginx resolves relative paths), files named by
+    `include` are read too, as in Debian's nginx.conf whose servers live in sites-enabled/*; seen: the real
+    paths already read (the main file), so a file that includes itself is read once."""
+    seen = set() if seen is None else seen
     ports = []
-    for line in text.splitlines():
-        line = line.split("#", 1)[0]
-        m = re.match(r"^\s*listen\s+([^\s;]+)", line)
-        if m:
-            value = m.group(1)
+    for name, args in _conf_directives(text):
+        if name == "listen" and args:
+            value = args[0]
             port = value.rsplit(":", 1)[-1] if not value.startswith("unix:") else ""
             if port.isdigit():
                 ports.append(int(port))
             elif re.match(r"^[0-9.]+$|^\[.*\]$|^[A-Za-z][A-Za-z0-9.-]*$", value):
                 ports.append(80)  # an address alone listens on 80
+        elif name == "include" and args and conf_dir is not None:
+            pattern = args[0] if os.path.isabs(args[0]) else str(conf_dir / args[0])
+            for path in sorted(glob.glob(pattern)):
+                real = os.path.realpath(path)
+                if real in seen or not os.path.isfile(real):
+                    continue
+                seen.add(real)
+                try:
+                    included = Path(real).read_text(encoding="utf-8", errors="replace")
+                except OSError:
+                    continue
+                ports += conf_listen_ports(included, conf_dir, seen)
     return ports
 
 
@@ -348,7 +396,9 @@ def main(argv: list[str]) -> int:
         if len(argv) != 2:
             print("usage: render_nginx.py listen-port FILE", file=sys.stderr)
             return 2
-        ports = conf_listen_ports(Path(argv[1]).read_text(encoding="utf-8", errors="replace"))
+        conf = Path(argv[1]).resolve()
+        ports = conf_listen_ports(conf.read_text(encoding="utf-8", errors="replace"), conf.parent,
+                                  {os.path.realpath(conf)})
         print(" ".join(map(str, ports)))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

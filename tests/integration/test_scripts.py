@@ -224,7 +224,7 @@ def test_start_shows_each_workers_progress_and_ready_time(fleet):
     # while waiting, each worker's entry says what it is doing and for how long (from /health's progress)
     for line in re.findall(r"waiting \d+s/\d+s:(.*)", out):
         for entry in re.findall(r"GPU\d+:(\S+(?: \S+)*?)(?= GPU\d+:|$)", line):
-            assert re.search(r"\(\d+s", entry) or entry == "down", line
+            assert re.search(r"\(\d+s", entry), line  # "starting (5s)" before a worker answers at all
 
 
 def test_second_start_is_refused(fleet):
