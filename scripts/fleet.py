@@ -238,7 +238,10 @@ def status(hosts: list[Host], gateway: str | None = None, marker: str | None = N
         results = dict(zip([w.id for w in workers], pool.map(probe, workers)))
     gw = gateway_state(gateway, marker)
     problems = 0
-    row = "{:<22} {:<24} {:<6} {:<6} {:<9} {:>6} {:>7} {:>9} {:>6} {:>7}"
+    # columns as wide as the longest address and id (IPv6 addresses and host names run long)
+    host_w = max([22] + [len(h.address) for h in hosts])
+    id_w = max([24] + [len(w.id) for w in workers])
+    row = "{:<%d} {:<%d} {:<6} {:<6} {:<9} {:>6} {:>7} {:>9} {:>6} {:>7}" % (host_w, id_w)
     print(f"FLUX fleet {time.strftime('%F %T')}: {len(hosts)} hosts, {len(workers)} workers", file=out)
     print(row.format("HOST", "WORKER", "PORT", "PREC", "STATE", "QUEUED", "RUNNING", "COMPLETED", "FAILED",
                      "S/IMAGE"), file=out)
@@ -272,11 +275,15 @@ def status(hosts: list[Host], gateway: str | None = None, marker: str | None = N
             if isinstance(r.get("images_last_minute"), int):
                 totals["per_min"] += r["images_last_minute"]
         totals["ready"] += ready
-        host_lines.append(f"host {h.address} (line {h.line}): {ready}/{len(h.workers)} ready"
-                          + ("" if ready else "  DOWN: the gateway sends its share to the other hosts"))
+        host_lines.append((f"host {h.address} (line {h.line}): {ready}/{len(h.workers)} ready", ready))
     print(file=out)
-    for line in host_lines:
-        print(line, file=out)
+    for line, ready in host_lines:
+        # a host down costs its share only while another host has a ready worker to take it
+        down = "" if ready else ("  DOWN: the gateway sends its share to the other hosts" if totals["ready"]
+                                 else "  DOWN")
+        print(line + down, file=out)
+    if not totals["ready"]:
+        print("no worker of the fleet is ready: the gateway answers every request with 502 until one is", file=out)
     if gw:
         if gw != "up":
             problems += 1

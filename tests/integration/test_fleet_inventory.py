@@ -63,3 +63,25 @@ def test_the_gateway_derives_the_ids_the_hosts_give_their_workers(address):
                                                          "WORKERS_ONLY": "1"},
                             capture_output=True, text=True, timeout=30, check=True)
     assert [w.id for w in host.workers] == result.stdout.split()
+
+
+def test_status_columns_fit_long_addresses_and_a_fleet_all_down_says_so():
+    """`status -f` / `monitor -f`: a long address (IPv6, a long host name) and its long worker ids keep the
+    columns under their headings; with no worker ready anywhere there are no "other hosts" to take a share."""
+    import io
+
+    from scripts.fleet import status
+    from tests.ports import free_port
+
+    hosts = parse_inventory(f"0:0:0:0:0:ffff:127.0.0.1 {free_port()} 1\n127.0.0.1 {free_port()} 1 bf16\n")
+    out = io.StringIO()
+    assert status(hosts, out=out) == 1
+    lines = out.getvalue().splitlines()
+    header, rows = lines[1], lines[2:4]
+    for heading in ("WORKER", "PORT", "STATE"):
+        col = header.index(heading)
+        for row in rows:
+            assert row[col - 1] == " " and row[col] != " ", (heading, header, row)
+    assert [row.split()[4] for row in rows] == ["down", "down"]
+    assert "the gateway sends its share to the other hosts" not in out.getvalue()
+    assert "no worker of the fleet is ready" in out.getvalue()
