@@ -19,7 +19,7 @@ ADDRESS as written, which is the host's FLUX_HOST.
 
     fleet.py check -f FILE                         validate; print one line per host
     fleet.py workers-json -f FILE --out PATH       the workers as render_nginx.py --workers-file takes them
-    fleet.py status -f FILE [--gateway URL] [--marker TOKEN] [--errors-only]
+    fleet.py status -f FILE [--gateway URL] [--marker TOKEN]
                                                    per host, per worker and totals; exit 0 all ready, 1 not
                                                    (a worker not ready, a wrong worker id, or the gateway down)
 
