@@ -331,6 +331,18 @@ def test_dashboard_lists_every_worker_and_counts_rise(stack, browser, shot):
     shot()
 
 
+def test_dashboard_starts_whatever_its_stored_figures_hold(stack, browser, shot):
+    """The charts' figures kept in the browser may be anything (another version of the page, a hand edit):
+    the dashboard starts afresh rather than stop before its first poll."""
+    for stored in ("null", "5", '{"%s": [{"t": "x"}, null, {"t": 1e20, "ipm": "a", "depth": {}}]}' % stack.ports[0]):
+        browser.get(f"{stack.url}/dashboard/")
+        browser.execute_script("localStorage.setItem('flux.dashboard.series', arguments[0])", stored)
+        browser.get(f"{stack.url}/dashboard/")
+        wait(browser).until(lambda d: all(dashboard_cell(d, p, "state") == "ready" for p in stack.ports))
+    browser.execute_script("localStorage.removeItem('flux.dashboard.series')")
+    shot()
+
+
 def test_dashboard_shows_a_killed_worker_as_down(stack, browser, shot):
     browser.get(f"{stack.url}/dashboard/")
     wait(browser).until(lambda d: dashboard_cell(d, stack.ports[1], "state") == "ready")
