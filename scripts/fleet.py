@@ -177,6 +177,37 @@ def all_workers(hosts: list[Host]) -> list[Worker]:
     return [w for h in hosts for w in h.workers]
 
 
+def _local_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether this machine holds the address (it can bind it)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET) as s:
+            s.bind((str(ip), 0))
+    except OSError:
+        return False
+    return True
+
+
+def check_gateway(hosts: list[Host], source: str, addr: str, port: int) -> None:
+    """A worker listed at the gateway's own address and port would have nginx send requests to itself, round
+    and round until the connection limit answers 429 (found before nginx starts, not by the users). Workers
+    named by a DNS name are not resolved here."""
+    wildcard = addr.strip("[]") in ("", "0.0.0.0", "::")
+    for h in hosts:
+        for w in h.workers:
+            if w.port != port:
+                continue
+            try:
+                ip = ipaddress.ip_address("127.0.0.1" if w.host.lower() == "localhost" else w.host)
+            except ValueError:
+                continue
+            if wildcard and ip.is_loopback or (_local_address(ip) if wildcard else ip.compressed == addr.strip("[]")):
+                raise FleetError(f"{source} line {h.line}: worker {w.address} is the gateway itself (it listens on "
+                                 f"{addr or 'every address'} port {port}): nginx would send requests to itself; "
+                                 "give the gateway another NGINX_PORT")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # status
 # ---------------------------------------------------------------------------------------------------------------
@@ -302,12 +333,17 @@ def main(argv: list[str]) -> int:
         p.add_argument("-f", "--fleet", required=True, help="the inventory file")
         if name == "workers-json":
             p.add_argument("--out", required=True)
+        if name == "check":
+            p.add_argument("--gateway-port", type=int, help="refuse workers at the gateway's own address and port")
+            p.add_argument("--gateway-addr", default="", help="the address the gateway listens on (default: all)")
         if name == "status":
             p.add_argument("--gateway", help="the gateway's URL, e.g. http://127.0.0.1:80")
             p.add_argument("--marker", help="the token the gateway answers at /nginx-health")
     args = ap.parse_args(argv)
     try:
         hosts = load_inventory(args.fleet)
+        if args.cmd == "check" and args.gateway_port:
+            check_gateway(hosts, args.fleet, args.gateway_addr, args.gateway_port)
     except FleetError as exc:
         print(f"fleet: {exc}", file=sys.stderr)
         return 2

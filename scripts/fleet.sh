@@ -40,7 +40,7 @@ cmd_gateway() {
     load_gateway_paths
     [[ "$NGINX_PORT" =~ ^[0-9]+$ ]] || fatal "NGINX_PORT must be a number, got '$NGINX_PORT'"
     [[ -z "$CUSTOM_CONF" ]] || fatal "gateway renders its config from the inventory: -c does not apply"
-    python3 "$FLEET_PY" check -f "$FLEET_FILE" >/dev/null || exit 2
+    python3 "$FLEET_PY" check -f "$FLEET_FILE" --gateway-addr "${NGINX_ADDR:-}" --gateway-port "$NGINX_PORT" >/dev/null || exit 2
     if live_pid "$(nginx_pidfile)" "$(nginx_marker)" >/dev/null; then
         fatal "the gateway already runs (pid $(read_pid "$(nginx_pidfile)")); use '$0 status -f $FLEET_FILE' or '$0 stop -f $FLEET_FILE'"
     fi
@@ -123,6 +123,8 @@ cmd_gateway_restart() {
     [[ -z "${NGINX_PORT_GIVEN:-}" && -n "$port" ]] && NGINX_PORT="$port"
     [[ -n "${NGINX_ADDR:-}" ]] || NGINX_ADDR="$(state_get NGINX_ADDR || true)"
     [[ "$NGINX_PORT" =~ ^[0-9]+$ ]] || fatal "NGINX_PORT must be a number, got '$NGINX_PORT'"
+    python3 "$FLEET_PY" check -f "$FLEET_FILE" --gateway-addr "${NGINX_ADDR:-}" --gateway-port "$NGINX_PORT" >/dev/null ||
+        fatal "the inventory has an error (above); the gateway keeps running as it was"
     saved="$NGINX_PREFIX/nginx.conf.running"
     cp -p "$NGINX_PREFIX/nginx.conf" "$saved"
     rm -f "$NGINX_PREFIX/test.log"

@@ -222,7 +222,8 @@ def test_html_in_a_prompt_is_text_and_use_again_restores_the_route(stack, browse
                             and len(d.find_elements(By.CSS_SELECTOR, "#history li")) == 1)
     assert browser.execute_script("return window.pwned") is None
     assert browser.find_element(By.CSS_SELECTOR, "#history li p").text == prompt
-    assert browser.execute_script("return document.querySelectorAll('#history script, #history img[src=x]').length") == 0
+    injected = "return document.querySelectorAll('#history script, #history img[src=x]').length"
+    assert browser.execute_script(injected) == 0
     seed = meta_value(browser, "Seed")
     Select(route).select_by_value("fast")
     fill(browser, "prompt", "something else")

@@ -3,7 +3,9 @@ and what is wrong, one host spelled two ways is one host, and the worker ids the
 the hosts' start_multi_gpu.sh gives their workers (else the gateway would route no job of theirs)."""
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,3 +87,30 @@ def test_status_columns_fit_long_addresses_and_a_fleet_all_down_says_so():
     assert [row.split()[4] for row in rows] == ["down", "down"]
     assert "the gateway sends its share to the other hosts" not in out.getvalue()
     assert "no worker of the fleet is ready" in out.getvalue()
+
+
+@pytest.mark.parametrize(("address", "gateway_addr", "loops"), [
+    ("127.0.0.1", "127.0.0.1", True), ("localhost", "127.0.0.1", True), ("127.0.0.2", "", True),
+    ("127.0.0.2", "127.0.0.1", False), ("10.255.255.1", "", False),
+])
+def test_a_worker_at_the_gateways_own_address_and_port_is_refused(tmp_path, address, gateway_addr, loops):
+    """nginx would proxy such a "worker" to itself, round and round until the per-address connection limit
+    answers 429: `gateway -f` refuses the inventory before anything starts."""
+    from tests.ports import free_port
+
+    port = free_port()
+    inventory = tmp_path / "fleet.conf"
+    inventory.write_text(f"# the gateway's host\n{address} {port} 1\n")
+    env = {"PATH": os.environ["PATH"], "FLUX_RUN_DIR": str(tmp_path / "run"), "NGINX_PORT": str(port),
+           "NGINX_ADDR": gateway_addr, "NO_COLOR": "1"}
+    check = [sys.executable, str(ROOT / "scripts" / "fleet.py"), "check", "-f", str(inventory)]
+    result = subprocess.run(check + ["--gateway-addr", gateway_addr, "--gateway-port", str(port)], capture_output=True,
+                            text=True, timeout=30)
+    if not loops:
+        assert result.returncode == 0, result.stderr
+        return
+    assert result.returncode == 2 and "line 2: worker" in result.stderr and "is the gateway itself" in result.stderr
+    started = subprocess.run([str(ROOT / "start_multi_gpu.sh"), "gateway", "-f", str(inventory)], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert started.returncode != 0 and "is the gateway itself" in started.stderr, started.stdout + started.stderr
+    assert not (tmp_path / "run" / "gateway" / "nginx.pid").exists()
