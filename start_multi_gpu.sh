@@ -30,7 +30,7 @@
 #                    fleet's inventory lists it), ids h<FLUX_HOST>_<port>, no nginx (FLUX_WORKERS_ONLY=1 too)
 #   gateway -f FLEET nginx alone, as the entry point of every worker of every host listed in FLEET (one line
 #                    per host: ADDRESS BASE_PORT NUM_WORKERS [MODES]); status/stop/restart -f FLEET show the
-#                    fleet (per host, per worker, totals) and stop/restart the gateway. docs/OPERATIONS.md
+#                    fleet (per host, per worker, totals) and stop/reload the gateway. docs/OPERATIONS.md
 #
 # Environment (every setting can also be edited at the top of this file):
 #   NUM_GPUS            GPUs to use (default: GPUs listed by nvidia-smi; 1 in CPU mode); one worker
@@ -840,7 +840,7 @@ main() {
             gateway) cmd_gateway ;;
             status) cmd_gateway_status ;;
             stop) cmd_gateway_stop ;;
-            restart) cmd_gateway_stop; cmd_gateway ;;
+            restart) cmd_gateway_restart ;;
             *) fatal "-f FLEET goes with gateway, status, stop or restart (the workers start on each host: start --workers-only)" ;;
         esac
         return

@@ -23,6 +23,6 @@ def make_image_store(settings: Settings):
 
         return S3ImageStore(settings.storage_url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region,
                             addressing_style=settings.s3_addressing_style, url_ttl_s=settings.image_url_ttl_s,
-                            public_base_url=settings.s3_public_base_url,
+                            public_base_url=settings.s3_public_base_url, timeout_s=settings.s3_timeout_s,
                             compress_level=settings.png_compress_level, name_prefix=settings.job_prefix)
     return LocalImageStore(settings.output_dir, settings.png_compress_level, name_prefix=settings.job_prefix)

@@ -103,6 +103,8 @@ class Settings(BaseSettings):
                                            "instead of a presigned URL")
     image_url_ttl_s: int = Field(3600, ge=1, le=604800, description="validity of presigned image URLs "
                                  "(S3 allows at most 7 days)")
+    s3_timeout_s: float = Field(10.0, gt=0, le=120, description="longest wait for the store to connect or answer "
+                                "one call; with one retry, a store that hangs fails a request within about twice this")
     state_dir: str | None = Field(None, description="folder of this worker's job records (SQLite, one file per "
                                   "worker: jobs-<worker id>.sqlite3), kept across restarts; default: "
                                   "<output_dir>/../run/jobs")

@@ -43,13 +43,14 @@ class S3ImageStore:
 
     def __init__(self, url: str, *, endpoint_url: str | None = None, region: str | None = None,
                  addressing_style: str = "auto", url_ttl_s: int = 3600, public_base_url: str | None = None,
-                 compress_level: int = 1, name_prefix: str = "", client=None):
+                 compress_level: int = 1, name_prefix: str = "", client=None, timeout_s: float = 10.0):
         self.bucket, self.prefix = parse_s3_url(url)
         self.name_prefix = name_prefix  # of image names (the worker's id), not of keys
         self.url_ttl_s = int(url_ttl_s)
         self.public_base_url = public_base_url.rstrip("/") if public_base_url else None
         self.compress_level = compress_level
-        self.client = client if client is not None else self._make_client(endpoint_url, region, addressing_style)
+        self.client = client if client is not None else self._make_client(endpoint_url, region, addressing_style,
+                                                                           timeout_s)
         self._deleter = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="s3-delete")
         self._lock = threading.Lock()
         self._next_sweep = 0.0
@@ -58,7 +59,7 @@ class S3ImageStore:
         self.last_error: str | None = None
 
     @staticmethod
-    def _make_client(endpoint_url: str | None, region: str | None, addressing_style: str):
+    def _make_client(endpoint_url: str | None, region: str | None, addressing_style: str, timeout_s: float = 10.0):
         try:  # optional dependency: only a worker with FLUX_STORAGE_URL=s3://... needs it
             import boto3
             from botocore.config import Config
@@ -68,10 +69,11 @@ class S3ImageStore:
         if addressing_style == "auto" and endpoint_url:
             addressing_style = "path"  # MinIO and most self-hosted stores have no per-bucket DNS names
         config = Config(
-            connect_timeout=5, read_timeout=30,
-            # a few quick retries ride out a blip; a store that stays down fails the upload in seconds, and
-            # the client retries on our 503 rather than waiting minutes
-            retries={"max_attempts": 3, "mode": "standard"},
+            connect_timeout=timeout_s, read_timeout=timeout_s,
+            # one quick retry rides out a blip; a store that refuses fails the upload at once, one that hangs
+            # (accepts and never answers) within about 2 x FLUX_S3_TIMEOUT_S, and the client retries on our 503
+            # rather than waiting minutes (30 s reads with 3 attempts held a request over two minutes)
+            retries={"total_max_attempts": 2, "mode": "standard"},  # the first call and one retry
             s3={"addressing_style": addressing_style},
             signature_version="s3v4",
         )

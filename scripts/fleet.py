@@ -14,11 +14,12 @@ separated; default fp4). `#` starts a comment; blank lines are ignored.
 
 Every worker's id - the prefix of its job ids and image names, FLUX_WORKER_ID - is `h<ADDRESS>_<PORT>` with every
 character other than a letter or digit as `_` (10.0.0.5:8001 -> h10_0_0_5_8001): unique across the fleet and
-derived the same way here (for the gateway's routes) and by start_multi_gpu.sh (for the workers it starts).
+derived the same way here (for the gateway's routes) and by start_multi_gpu.sh (for the workers it starts), from
+ADDRESS as written, which is the host's FLUX_HOST.
 
     fleet.py check -f FILE                         validate; print one line per host
     fleet.py workers-json -f FILE --out PATH       the workers as render_nginx.py --workers-file takes them
-    fleet.py status -f FILE [--gateway URL] [--marker TOKEN] [--errors-only]
+    fleet.py status -f FILE [--gateway URL] [--marker TOKEN]
                                                    per host, per worker and totals; exit 0 all ready, 1 not
                                                    (a worker not ready, a wrong worker id, or the gateway down)
 
@@ -44,6 +45,8 @@ from render_nginx import PRECISIONS, RenderError, Worker  # noqa: E402
 HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                          r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 MAX_WORKERS_PER_HOST = 64
+MAX_ID_LENGTH = 64  # scripts/render_nginx.py WORKER_ID_RE
+DIGITS_RE = re.compile(r"^[0-9]+$")  # str.isdigit() would take "８０００" and "²"
 
 
 class FleetError(ValueError):
@@ -73,18 +76,25 @@ def expand_modes(spec: str, count: int) -> list[str]:
     raise ValueError(f"unknown mode {spec!r}: fp4, bf16, fp8, mixed or one per worker like fp4,fp4,bf16")
 
 
-def check_address(address: str) -> str:
-    """An IPv4/IPv6 address (brackets optional) or a DNS name; never a wildcard (it names no host to reach)."""
+def check_address(address: str) -> tuple[str, str]:
+    """An IPv4/IPv6 address (brackets optional) or a DNS name; never a wildcard (it names no host to reach).
+
+    Returns (the address as written, without brackets; the host it names). The first is what the host's
+    FLUX_HOST holds, so the worker ids derive from it as start_multi_gpu.sh derives them there (fd00:0::7 stays
+    fd00:0::7: h..._fd00_0__7_...); the second (the canonical IP, or the lower-case name: DNS ignores case) tells
+    two spellings of one host apart from two hosts."""
     bare = address[1:-1] if address.startswith("[") and address.endswith("]") else address
     try:
         ip = ipaddress.ip_address(bare)
     except ValueError:
         if not HOSTNAME_RE.match(bare) or bare.replace(".", "").isdigit():
             raise ValueError(f"{address!r} is neither an IP address nor a host name") from None
-        return bare
+        return bare, bare.lower()
     if ip.is_unspecified:
         raise ValueError(f"{address} is a wildcard, not a host: give the address its workers bind (FLUX_HOST)")
-    return str(ip)
+    if ip.is_multicast or (ip.version == 4 and ip == ipaddress.IPv4Address("255.255.255.255")):
+        raise ValueError(f"{address} is a multicast or broadcast address, not a host")
+    return bare, str(getattr(ip, "ipv4_mapped", None) or ip)
 
 
 @dataclass
@@ -101,21 +111,27 @@ def parse_inventory(text: str, source: str = "fleet.conf") -> list[Host]:
     hosts: list[Host] = []
     seen_ids: dict[str, int] = {}
     seen_addr: dict[tuple[str, int], int] = {}
-    for n, raw in enumerate(text.splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
+    # Lines end at "\n" only (as editors, sed and grep count them), fields are separated by spaces and tabs;
+    # anything else that is not printable ASCII is refused, naming the line, rather than read some other way.
+    for n, raw in enumerate(text.removeprefix("\ufeff").split("\n"), 1):
+        line = raw.split("#", 1)[0].strip(" \t\r")
         if not line:
             continue
         where = f"{source} line {n}"
-        parts = line.split()
+        odd = re.search(r"[^\x20-\x7e\t]", line)
+        if odd:
+            raise FleetError(f"{where}: character {odd.group()!r} (U+{ord(odd.group()):04X}) at column "
+                             f"{odd.start() + 1}: only printable ASCII, fields separated by spaces or tabs")
+        parts = re.split(r"[ \t]+", line)
         if not 3 <= len(parts) <= 4:
             raise FleetError(f"{where}: expected ADDRESS BASE_PORT NUM_WORKERS [MODES], got {len(parts)} fields")
         try:
-            address = check_address(parts[0])
+            address, host_key = check_address(parts[0])
         except ValueError as exc:
             raise FleetError(f"{where}: {exc}") from None
-        if not parts[1].isdigit() or not 1 <= int(parts[1]) <= 65535:
+        if not DIGITS_RE.match(parts[1]) or not 1 <= int(parts[1]) <= 65535:
             raise FleetError(f"{where}: BASE_PORT {parts[1]!r} is not a port (1-65535)")
-        if not parts[2].isdigit() or not 1 <= int(parts[2]) <= MAX_WORKERS_PER_HOST:
+        if not DIGITS_RE.match(parts[2]) or not 1 <= int(parts[2]) <= MAX_WORKERS_PER_HOST:
             raise FleetError(f"{where}: NUM_WORKERS {parts[2]!r} is not a number from 1 to {MAX_WORKERS_PER_HOST}")
         base, count = int(parts[1]), int(parts[2])
         if base + count - 1 > 65535:
@@ -127,9 +143,13 @@ def parse_inventory(text: str, source: str = "fleet.conf") -> list[Host]:
         host = Host(address, base, count, modes, n)
         for i, prec in enumerate(modes):
             port = base + i
-            if (address, port) in seen_addr:
-                raise FleetError(f"{where}: {address} port {port} is already a worker of line {seen_addr[address, port]}")
+            if (host_key, port) in seen_addr:
+                raise FleetError(f"{where}: {address} port {port} is already a worker of line "
+                                 f"{seen_addr[host_key, port]}")
             wid = worker_id(address, port)
+            if len(wid) > MAX_ID_LENGTH:
+                raise FleetError(f"{where}: the worker id of {address}:{port}, {wid}, would be {len(wid)} characters "
+                                 f"(at most {MAX_ID_LENGTH}): list the host by a shorter name or its IP address")
             if wid in seen_ids:
                 raise FleetError(f"{where}: worker id {wid} (of {address}:{port}) is already a worker of line "
                                  f"{seen_ids[wid]}: addresses that differ only in punctuation collide")
@@ -137,7 +157,7 @@ def parse_inventory(text: str, source: str = "fleet.conf") -> list[Host]:
                 host.workers.append(Worker(address, port, prec, wid, local=False))
             except RenderError as exc:
                 raise FleetError(f"{where}: {exc}") from None
-            seen_addr[address, port] = n
+            seen_addr[host_key, port] = n
             seen_ids[wid] = n
         hosts.append(host)
     if not hosts:
@@ -155,6 +175,37 @@ def load_inventory(path: str) -> list[Host]:
 
 def all_workers(hosts: list[Host]) -> list[Worker]:
     return [w for h in hosts for w in h.workers]
+
+
+def _local_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether this machine holds the address (it can bind it)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET) as s:
+            s.bind((str(ip), 0))
+    except OSError:
+        return False
+    return True
+
+
+def check_gateway(hosts: list[Host], source: str, addr: str, port: int) -> None:
+    """A worker listed at the gateway's own address and port would have nginx send requests to itself, round
+    and round until the connection limit answers 429 (found before nginx starts, not by the users). Workers
+    named by a DNS name are not resolved here."""
+    wildcard = addr.strip("[]") in ("", "0.0.0.0", "::")
+    for h in hosts:
+        for w in h.workers:
+            if w.port != port:
+                continue
+            try:
+                ip = ipaddress.ip_address("127.0.0.1" if w.host.lower() == "localhost" else w.host)
+            except ValueError:
+                continue
+            if wildcard and ip.is_loopback or (_local_address(ip) if wildcard else ip.compressed == addr.strip("[]")):
+                raise FleetError(f"{source} line {h.line}: worker {w.address} is the gateway itself (it listens on "
+                                 f"{addr or 'every address'} port {port}): nginx would send requests to itself; "
+                                 "give the gateway another NGINX_PORT")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -218,7 +269,10 @@ def status(hosts: list[Host], gateway: str | None = None, marker: str | None = N
         results = dict(zip([w.id for w in workers], pool.map(probe, workers)))
     gw = gateway_state(gateway, marker)
     problems = 0
-    row = "{:<22} {:<24} {:<6} {:<6} {:<9} {:>6} {:>7} {:>9} {:>6} {:>7}"
+    # columns as wide as the longest address and id (IPv6 addresses and host names run long)
+    host_w = max([22] + [len(h.address) for h in hosts])
+    id_w = max([24] + [len(w.id) for w in workers])
+    row = "{:<%d} {:<%d} {:<6} {:<6} {:<9} {:>6} {:>7} {:>9} {:>6} {:>7}" % (host_w, id_w)
     print(f"FLUX fleet {time.strftime('%F %T')}: {len(hosts)} hosts, {len(workers)} workers", file=out)
     print(row.format("HOST", "WORKER", "PORT", "PREC", "STATE", "QUEUED", "RUNNING", "COMPLETED", "FAILED",
                      "S/IMAGE"), file=out)
@@ -252,11 +306,15 @@ def status(hosts: list[Host], gateway: str | None = None, marker: str | None = N
             if isinstance(r.get("images_last_minute"), int):
                 totals["per_min"] += r["images_last_minute"]
         totals["ready"] += ready
-        host_lines.append(f"host {h.address} (line {h.line}): {ready}/{len(h.workers)} ready"
-                          + ("" if ready else "  DOWN: the gateway sends its share to the other hosts"))
+        host_lines.append((f"host {h.address} (line {h.line}): {ready}/{len(h.workers)} ready", ready))
     print(file=out)
-    for line in host_lines:
-        print(line, file=out)
+    for line, ready in host_lines:
+        # a host down costs its share only while another host has a ready worker to take it
+        down = "" if ready else ("  DOWN: the gateway sends its share to the other hosts" if totals["ready"]
+                                 else "  DOWN")
+        print(line + down, file=out)
+    if not totals["ready"]:
+        print("no worker of the fleet is ready: the gateway answers every request with 502 until one is", file=out)
     if gw:
         if gw != "up":
             problems += 1
@@ -275,12 +333,17 @@ def main(argv: list[str]) -> int:
         p.add_argument("-f", "--fleet", required=True, help="the inventory file")
         if name == "workers-json":
             p.add_argument("--out", required=True)
+        if name == "check":
+            p.add_argument("--gateway-port", type=int, help="refuse workers at the gateway's own address and port")
+            p.add_argument("--gateway-addr", default="", help="the address the gateway listens on (default: all)")
         if name == "status":
             p.add_argument("--gateway", help="the gateway's URL, e.g. http://127.0.0.1:80")
             p.add_argument("--marker", help="the token the gateway answers at /nginx-health")
     args = ap.parse_args(argv)
     try:
         hosts = load_inventory(args.fleet)
+        if args.cmd == "check" and args.gateway_port:
+            check_gateway(hosts, args.fleet, args.gateway_addr, args.gateway_port)
     except FleetError as exc:
         print(f"fleet: {exc}", file=sys.stderr)
         return 2

@@ -40,7 +40,7 @@ cmd_gateway() {
     load_gateway_paths
     [[ "$NGINX_PORT" =~ ^[0-9]+$ ]] || fatal "NGINX_PORT must be a number, got '$NGINX_PORT'"
     [[ -z "$CUSTOM_CONF" ]] || fatal "gateway renders its config from the inventory: -c does not apply"
-    python3 "$FLEET_PY" check -f "$FLEET_FILE" >/dev/null || exit 2
+    python3 "$FLEET_PY" check -f "$FLEET_FILE" --gateway-addr "${NGINX_ADDR:-}" --gateway-port "$NGINX_PORT" >/dev/null || exit 2
     if live_pid "$(nginx_pidfile)" "$(nginx_marker)" >/dev/null; then
         fatal "the gateway already runs (pid $(read_pid "$(nginx_pidfile)")); use '$0 status -f $FLEET_FILE' or '$0 stop -f $FLEET_FILE'"
     fi
@@ -104,4 +104,45 @@ cmd_gateway_stop() {
     done
     rm -f "$(nginx_pidfile)" "$(nginx_record)"
     info "gateway stopped"
+}
+
+# After editing the inventory (a host added or removed): the running gateway reloads a config rendered from it
+# (nginx HUP: new connections get the new config, requests in flight finish on the old one, the port never
+# closes). A bad inventory, a setting the renderer refuses or a config nginx -t rejects leaves the running
+# gateway and its config as they were. Not running: the gateway starts.
+cmd_gateway_restart() {
+    local pid port saved
+    load_gateway_paths
+    python3 "$FLEET_PY" check -f "$FLEET_FILE" >/dev/null || fatal "the inventory has an error (above); the gateway keeps running as it was"
+    if ! pid="$(live_pid "$(nginx_pidfile)" "$(nginx_marker)")"; then
+        cmd_gateway
+        return
+    fi
+    port="$(record_get "$(nginx_record)" PORT || true)"
+    # the port and address it runs on, unless others are asked for
+    [[ -z "${NGINX_PORT_GIVEN:-}" && -n "$port" ]] && NGINX_PORT="$port"
+    [[ -n "${NGINX_ADDR:-}" ]] || NGINX_ADDR="$(state_get NGINX_ADDR || true)"
+    [[ "$NGINX_PORT" =~ ^[0-9]+$ ]] || fatal "NGINX_PORT must be a number, got '$NGINX_PORT'"
+    python3 "$FLEET_PY" check -f "$FLEET_FILE" --gateway-addr "${NGINX_ADDR:-}" --gateway-port "$NGINX_PORT" >/dev/null ||
+        fatal "the inventory has an error (above); the gateway keeps running as it was"
+    saved="$NGINX_PREFIX/nginx.conf.running"
+    cp -p "$NGINX_PREFIX/nginx.conf" "$saved"
+    rm -f "$NGINX_PREFIX/test.log"
+    NUM_GPUS=0 MODES=""
+    if ! prepare_nginx_conf || ! nginx -t -q -p "$NGINX_PREFIX/" -c "$NGINX_CONF_USED" -g "$NGINX_G" >"$NGINX_PREFIX/test.log" 2>&1; then
+        [[ ! -s "$NGINX_PREFIX/test.log" ]] || sed 's/^/    /' "$NGINX_PREFIX/test.log" >&2
+        mv "$saved" "$NGINX_PREFIX/nginx.conf"
+        fatal "the new gateway config was refused (above); the gateway keeps running with its old config"
+    fi
+    rm -f "$saved"
+    {
+        echo "FLEET_FILE=$FLEET_FILE"
+        echo "NGINX_PORT=$NGINX_PORT"
+        echo "NGINX_ADDR=${NGINX_ADDR:-}"
+    } >"$STATE_FILE"
+    write_record "$(nginx_record)" "PID=$pid" "PORT=$NGINX_PORT" "CONF=$NGINX_CONF_USED" "STARTED_AT=$(date +%s)"
+    kill -HUP "$pid"
+    info "gateway (pid $pid) reloaded with $FLEET_FILE: requests in flight finish on the old config"
+    echo
+    python3 "$FLEET_PY" status -f "$FLEET_FILE" --gateway "$(gateway_url)" --marker "$(nginx_marker_token)" || true
 }

@@ -206,6 +206,51 @@ def test_precision_route_in_a_mixed_deployment(stack, browser, shot):
     shot()
 
 
+def test_html_in_a_prompt_is_text_and_use_again_restores_the_route(stack, browser, shot):
+    """A prompt holding markup is shown as text in the result and the history (nothing of it runs or becomes
+    an element); "Use settings" of a history entry brings back its prompt, seed and precision route."""
+    open_ui(browser, stack)
+    route = browser.find_element(By.ID, "route")
+    wait(browser).until(lambda d: route.is_displayed())
+    prompt = '<img src=x onerror="window.pwned=1"><script>window.pwned=2</script> it\'s "quoted"'
+    Select(route).select_by_value("quality")
+    fill(browser, "prompt", prompt)
+    Select(browser.find_element(By.ID, "size-preset")).select_by_value("256x256")
+    fill(browser, "steps", 1)
+    browser.find_element(By.ID, "generate").click()
+    wait(browser, 60).until(lambda d: d.find_element(By.ID, "job-state").text == "succeeded"
+                            and len(d.find_elements(By.CSS_SELECTOR, "#history li")) == 1)
+    assert browser.execute_script("return window.pwned") is None
+    assert browser.find_element(By.CSS_SELECTOR, "#history li p").text == prompt
+    injected = "return document.querySelectorAll('#history script, #history img[src=x]').length"
+    assert browser.execute_script(injected) == 0
+    seed = meta_value(browser, "Seed")
+    Select(route).select_by_value("fast")
+    fill(browser, "prompt", "something else")
+    browser.find_element(By.CSS_SELECTOR, "#history li .actions button").click()
+    assert browser.find_element(By.ID, "prompt").get_attribute("value") == prompt
+    assert browser.find_element(By.ID, "seed").get_attribute("value") == seed
+    assert Select(route).first_selected_option.get_attribute("value") == "quality"
+    shot()
+
+
+def test_a_stored_history_the_page_cannot_read_does_not_break_it(stack, browser, shot):
+    """Whatever is under the history's key (another version of the page, a hand edit) is left out, never a
+    page that stops at start-up; an entry whose image URL is not http(s) is not shown."""
+    good = {"body": {"prompt": "kept", "width": 256, "height": 256}, "route": "",
+            "result": {"image_url": f"{stack.url}/images/{'0' * 32}.png", "width": 256, "height": 256, "seed": 7},
+            "at": 0}
+    bad_url = dict(good, body={"prompt": "dropped"}, result=dict(good["result"], image_url="javascript:alert(1)"))
+    for stored in ('{"a": 1}', "[null, 5, {}]", json.dumps([{"x": 1}, bad_url, good]), "not json"):
+        open_ui(browser, stack)
+        browser.execute_script("localStorage.setItem('flux.history', arguments[0])", stored)
+        browser.get(f"{stack.url}/ui/")
+        wait(browser).until(lambda d: "ready" in d.find_element(By.ID, "service").text)  # start-up went through
+        texts = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#history li p")]
+        assert texts == (["kept"] if "kept" in stored else []), (stored, texts)
+    shot()
+
+
 def test_bad_input_shows_the_servers_message(stack, browser, shot):
     open_ui(browser, stack)
     fill(browser, "prompt", "a red cube")
@@ -284,6 +329,18 @@ def test_dashboard_lists_every_worker_and_counts_rise(stack, browser, shot):
     wait(browser, 30).until(lambda d: d.find_element(By.ID, "t-errors").text == "1")
     assert f"worker {stack.ports[0]}: 1 request failed" in browser.find_element(By.ID, "events").text
     assert dashboard_cell(browser, stack.ports[0], "failed") == "1 (+1)"
+    shot()
+
+
+def test_dashboard_starts_whatever_its_stored_figures_hold(stack, browser, shot):
+    """The charts' figures kept in the browser may be anything (another version of the page, a hand edit):
+    the dashboard starts afresh rather than stop before its first poll."""
+    for stored in ("null", "5", '{"%s": [{"t": "x"}, null, {"t": 1e20, "ipm": "a", "depth": {}}]}' % stack.ports[0]):
+        browser.get(f"{stack.url}/dashboard/")
+        browser.execute_script("localStorage.setItem('flux.dashboard.series', arguments[0])", stored)
+        browser.get(f"{stack.url}/dashboard/")
+        wait(browser).until(lambda d: all(dashboard_cell(d, p, "state") == "ready" for p in stack.ports))
+    browser.execute_script("localStorage.removeItem('flux.dashboard.series')")
     shot()
 
 

@@ -175,14 +175,59 @@ def test_the_entry_command_gives_each_pod_a_worker_id_the_settings_accept(pod, t
     assert worker_id == pod.replace("-", "_")
 
 
+def gateway_conf(docs: list[dict]) -> str:
+    """The nginx.conf the gateway's nginx container mounts."""
+    [deployment] = of_kind(docs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    [mount] = [m for c in pod["containers"] for m in c["volumeMounts"] if m["mountPath"] == "/etc/nginx/nginx.conf"]
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    [config_map] = [c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"] == volume["configMap"]["name"]]
+    return config_map["data"][mount["subPath"]]
+
+
+def test_the_gateway_serves_the_repositorys_pages(rendered, tmp_path):
+    """/ui/ and /dashboard/: the config's `alias web/ui/` is relative to nginx's prefix (/etc/nginx/ in the
+    image), where the pod must hold the repository's web/ui/ and web/dashboard/ as plain files (a ConfigMap
+    volume holds symlinks, which the config's `disable_symlinks on` refuses). The init container's own script
+    runs here on a ConfigMap volume laid out as the kubelet lays it out."""
+    import re as _re
+
+    overlay, docs = rendered
+    conf = gateway_conf(docs)
+    assert "alias web/ui/;" in conf and "alias web/dashboard/;" in conf
+    [deployment] = of_kind(docs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    [nginx] = pod["containers"]
+    [web] = [m for m in nginx["volumeMounts"] if m["mountPath"] == "/etc/nginx/web"]
+    assert "emptyDir" in volumes[web["name"]]
+    [init] = pod["initContainers"]
+    init_mounts = {m["mountPath"]: m["name"] for m in init["volumeMounts"]}
+    assert init_mounts["/web"] == web["name"]
+    for page in ("ui", "dashboard"):
+        name = volumes[init_mounts[f"/pages/{page}"]]["configMap"]["name"]
+        [config_map] = [c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"] == name]
+        assert config_map["data"] == {f.name: f.read_text() for f in (ROOT / "web" / page).iterdir()}, overlay
+        folder = tmp_path / "pages" / page
+        (folder / "..2026_01_01_00_00_00.1").mkdir(parents=True)
+        for file, text in config_map["data"].items():
+            (folder / "..2026_01_01_00_00_00.1" / file).write_text(text)
+            (folder / file).symlink_to(f"..data/{file}")
+        (folder / "..data").symlink_to("..2026_01_01_00_00_00.1")
+    script = _re.sub(r"(?<![\w/.])/(pages|web)\b", lambda m: f"{tmp_path}/{m.group(1)}", init["args"][0])
+    subprocess.run(["/bin/sh", "-c", script], check=True, timeout=30)
+    for page in ("ui", "dashboard"):
+        for source in (ROOT / "web" / page).iterdir():
+            copy = tmp_path / "web" / page / source.name
+            assert not copy.is_symlink() and copy.read_bytes() == source.read_bytes(), copy
+
+
 def test_the_gateway_config_names_exactly_the_worker_pods(rendered):
     overlay, docs = rendered
     workers = gateway_workers.workers(docs)
     [deployment] = of_kind(docs, "Deployment")
     pod = deployment["spec"]["template"]["spec"]
-    [volume] = [v for v in pod["volumes"] if "configMap" in v]
-    [config_map] = [c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"] == volume["configMap"]["name"]]
-    conf = config_map["data"]["nginx.conf"]
+    conf = gateway_conf(docs)
     hosts = set(re.findall(r"server ([\w.-]+\.svc\.cluster\.local):(\d+) resolve", conf))
     assert hosts == {(w["host"], str(w["port"])) for w in workers}, overlay
     # job ids and image names start with their worker's id: each id routes to exactly that worker's upstream

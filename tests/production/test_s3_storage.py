@@ -151,3 +151,35 @@ def test_a_store_that_goes_away_is_a_retryable_503_and_the_worker_recovers(s3_wo
     assert resp.status_code == 200, resp.text
     assert_png(httpx.get(resp.json()["image_url"], timeout=10).content, 256, 256)
     assert s3_worker.health().json()["storage"] == "ok"
+
+
+@pytest.mark.timeout(180)
+def test_a_store_that_hangs_fails_within_the_s3_timeout(workdir):
+    """An endpoint that accepts connections and never answers (a hung store, a black-holed route): each call
+    gives up after FLUX_S3_TIMEOUT_S, with one retry, so the client gets its retryable 503 in seconds, not
+    after minutes of read timeouts and retries."""
+    import socket
+    import threading
+
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(64)
+    held: list = []
+    threading.Thread(target=lambda: [held.append(hung.accept()) for _ in iter(int, 1)], daemon=True).start()
+    env = dict(AWS_ENV, FLUX_STORAGE_URL=f"s3://{BUCKET}/{PREFIX}",
+               FLUX_S3_ENDPOINT_URL=f"http://127.0.0.1:{hung.getsockname()[1]}", FLUX_S3_TIMEOUT_S="2")
+    w = Worker("s3-hung", workdir, env)
+    start_all(w)
+    try:
+        for method, path, body in (("POST", "/generate", QUICK_JOB), ("GET", f"/images/{'0' * 32}.png", None)):
+            started = time.monotonic()
+            resp = w.client.request(method, path, json=body, timeout=40)
+            took = time.monotonic() - started
+            error = assert_error(resp, 503, "storage_unavailable")
+            assert error["retryable"] is True and int(resp.headers["retry-after"]) >= 1
+            assert took < 15, f"{method} {path} took {took:.1f}s"
+    finally:
+        w.stop()
+        hung.close()
+        for conn, _ in held:
+            conn.close()

@@ -113,10 +113,12 @@ function saveSeries() {
 function restoreSeries() {
   let data = {};
   try { data = JSON.parse(localStorage.getItem(SERIES_STORE) || "{}"); } catch { data = {}; }
+  if (!data || typeof data !== "object") data = {};  // whatever else is stored there: start afresh
   const since = Date.now() - WINDOW_MS;
+  const figure = (v) => v === null || (typeof v === "number" && Number.isFinite(v));
   for (const w of fleet.workers) {
     const points = Array.isArray(data[w.id]) ? data[w.id] : [];
-    w.series = points.filter((p) => p && typeof p.t === "number" && p.t >= since);
+    w.series = points.filter((p) => p && typeof p.t === "number" && p.t >= since && figure(p.ipm) && figure(p.depth));
   }
 }
 

@@ -138,8 +138,12 @@ function localProblem(body) {
   return null;
 }
 
-function fillForm(body) {
+function fillForm(body, route) {
   $("prompt").value = body.prompt || "";
+  // the precision route it was made on, where this deployment still offers the choice
+  if (typeof route === "string" && !$("route-field").hidden && [...$("route").options].some((o) => o.value === route)) {
+    $("route").value = route;
+  }
   $("width").value = body.width ?? 1024;
   $("height").value = body.height ?? 1024;
   syncPreset();
@@ -242,11 +246,12 @@ function showResult(body, result, elapsed, route) {
   $("seed-reuse").disabled = false;
   $("result").hidden = false;
   $("empty").hidden = true;
-  $("result-img").src = result.image_url;
+  const url = safeUrl(result.image_url) || "";
+  $("result-img").src = url;
   $("result-img").alt = `Generated image: ${body.prompt.slice(0, 120)}`;
-  $("result-link").href = result.image_url;
-  $("download").href = result.image_url;
-  $("download").setAttribute("download", result.image_url.split("/").pop());
+  $("result-link").href = url;
+  $("download").href = url;
+  $("download").setAttribute("download", imageName(url));
   const facts = [
     ["Seed", result.seed], ["Size", `${result.width} × ${result.height}`], ["Steps", result.num_inference_steps],
     ["Guidance", result.guidance_scale], ["Precision", result.precision], ["Model", result.model],
@@ -393,12 +398,31 @@ async function cancel() {
 }
 
 /* ---------------------------------------------------------------- history */
+/* An image URL the page may show and link: http(s) only (an absolute one from the object store, or ours). */
+function safeUrl(url) {
+  try { return ["http:", "https:"].includes(new URL(url, location.href).protocol) ? url : null; } catch { return null; }
+}
+
+/* The file name to save an image under: the URL's last path segment (a presigned URL's query is no name). */
+function imageName(url) {
+  try { return decodeURIComponent(new URL(url, location.href).pathname.split("/").pop()) || "image"; } catch { return "image"; }
+}
+
+/* The stored history as this page can show it: whatever else is under the key (another version of the page,
+   a hand edit, a full quota's leftovers) is dropped rather than break the page. */
 function loadHistory() {
-  try { return JSON.parse(localStorage.getItem(HISTORY_STORE) || "[]"); } catch { return []; }
+  let items;
+  try { items = JSON.parse(localStorage.getItem(HISTORY_STORE) || "[]"); } catch { return []; }
+  if (!Array.isArray(items)) return [];
+  return items.filter((it) => it && typeof it === "object" && it.body && typeof it.body === "object"
+    && typeof it.body.prompt === "string" && it.result && typeof it.result === "object"
+    && typeof it.result.image_url === "string" && safeUrl(it.result.image_url));
 }
 
 function addHistory(entry) {
-  const items = [entry, ...loadHistory()].slice(0, HISTORY_MAX);
+  // input images stay out of the history: base64 images would fill the storage quota in a few entries
+  const { image, mask, ...body } = entry.body;
+  const items = [{ ...entry, body }, ...loadHistory()].slice(0, HISTORY_MAX);
   try { localStorage.setItem(HISTORY_STORE, JSON.stringify(items)); } catch { /* full or disabled: keep in page */ }
   renderHistory(items);
 }
@@ -414,10 +438,10 @@ function renderHistory(items = loadHistory()) {
         el("p", { title: item.body.prompt, text: item.body.prompt }),
         el("small", { text: `${item.result.width}×${item.result.height} · seed ${item.result.seed} · ${when}` }),
         el("div", { class: "actions" },
-          el("button", { type: "button", class: "small", text: "Use settings", onclick: () => fillForm(item.body) }),
-          el("a", { class: "button small", href: item.result.image_url, download: item.result.image_url.split("/").pop(), text: "Download" }),
+          el("button", { type: "button", class: "small", text: "Use settings", onclick: () => fillForm(item.body, item.route) }),
+          el("a", { class: "button small", href: item.result.image_url, download: imageName(item.result.image_url), text: "Download" }),
           el("button", { type: "button", class: "small", "aria-label": `Remove image ${i + 1} from the history`, text: "×",
-            onclick: () => { const all = loadHistory(); all.splice(i, 1); localStorage.setItem(HISTORY_STORE, JSON.stringify(all)); renderHistory(all); } }))));
+            onclick: () => { const all = loadHistory(); all.splice(i, 1); try { localStorage.setItem(HISTORY_STORE, JSON.stringify(all)); } catch { /* off */ } renderHistory(all); } }))));
   }));
 }
 
@@ -532,7 +556,7 @@ function init() {
     await copyText(curlFor(state.last.body, state.last.route));
     toast("curl command copied");
   });
-  $("reuse").addEventListener("click", () => state.last && fillForm({ ...state.last.body, seed: state.last.result.seed }));
+  $("reuse").addEventListener("click", () => state.last && fillForm({ ...state.last.body, seed: state.last.result.seed }, state.last.route));
   $("history-clear").addEventListener("click", () => { localStorage.removeItem(HISTORY_STORE); renderHistory([]); });
 
   renderHistory();
