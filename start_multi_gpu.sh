@@ -412,7 +412,7 @@ start_nginx() {
     local launcher=()
     have setsid && launcher=(setsid)
     "${launcher[@]}" nginx -p "$NGINX_PREFIX/" -c "$NGINX_CONF_USED" -g "$NGINX_G" \
-        >>"$NGINX_LOG_DIR/access.log" 2>>"$NGINX_LOG_DIR/error.log" </dev/null &
+        >>"$NGINX_LOG_DIR/access.log" 2> >(escaped_log "$NGINX_LOG_DIR/error.log") </dev/null &
     pid=$!
     echo "$pid" >"$(nginx_pidfile)"
     write_record "$(nginx_record)" "PID=$pid" "PORT=$NGINX_PORT" "CONF=$NGINX_CONF_USED" "STARTED_AT=$(date +%s)"
@@ -429,6 +429,7 @@ start_nginx() {
     else
         error "nginx did not start"
     fi
+    sleep 0.3  # the last lines pass through the error log's escaping filter
     show_log_tail "$NGINX_LOG_DIR/error.log" 10
     rm -f "$(nginx_pidfile)" "$(nginx_record)"
     return 2
@@ -754,7 +755,7 @@ cmd_nginx() {
     echo $$ >"$(nginx_pidfile)"
     write_record "$(nginx_record)" "PID=$$" "PORT=$NGINX_PORT" "CONF=$NGINX_CONF_USED" "STARTED_AT=$(date +%s)"
     exec nginx -p "$NGINX_PREFIX/" -c "$NGINX_CONF_USED" -g "$NGINX_G" \
-        >>"$NGINX_LOG_DIR/access.log" 2>>"$NGINX_LOG_DIR/error.log"
+        >>"$NGINX_LOG_DIR/access.log" 2> >(escaped_log "$NGINX_LOG_DIR/error.log")
 }
 
 # The shipped nginx.conf / nginx_mixed.conf are this output for 8 GPUs (paths relative to nginx's prefix,

@@ -40,8 +40,17 @@ def _object_without_duplicates(pairs: list[tuple[str, object]]) -> dict:
     return obj
 
 
+class _NotJsonConstant(Exception):
+    pass
+
+
+def _no_constant(name: str):
+    # json.loads takes NaN, Infinity and -Infinity, which JSON does not have (RFC 8259) and no other parser reads
+    raise _NotJsonConstant(name)
+
+
 def _loads(raw: bytes):
-    return json.loads(raw, object_pairs_hook=_object_without_duplicates)
+    return json.loads(raw, object_pairs_hook=_object_without_duplicates, parse_constant=_no_constant)
 
 
 async def read_json_object(request: Request, max_bytes: int, image_bytes: int = 0) -> dict:
@@ -53,6 +62,10 @@ async def read_json_object(request: Request, max_bytes: int, image_bytes: int = 
     if ctype not in JSON_TYPES and not ctype.endswith("+json"):
         raise UnsupportedMediaType("send the body as JSON with Content-Type: application/json",
                                    field="content-type")
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):  # the bytes would be read as JSON and fail with a decoder's message
+        raise UnsupportedMediaType("Content-Encoding is not supported: send the JSON body uncompressed",
+                                   field="content-encoding")
     limit = max_bytes + image_body_allowance(image_bytes)
     too_large = PayloadTooLarge(f"the body must be at most {max_bytes} bytes" + (
         f" ({limit} with an image)" if image_bytes else ""), field="body")
@@ -71,6 +84,8 @@ async def read_json_object(request: Request, max_bytes: int, image_bytes: int = 
         data = _loads(raw) if size < LARGE_BODY else await asyncio.to_thread(_loads, raw)
     except _DuplicateKey as exc:
         raise InvalidRequest(f"{exc.key}: given more than once", field=exc.key) from None
+    except _NotJsonConstant as exc:
+        raise InvalidJson(f"the body is not valid JSON: {exc} is not a JSON number", field="body") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidJson(f"the body is not valid JSON: {exc}", field="body") from None
     except (ValueError, RecursionError):  # a number over 4300 digits, or nesting deeper than the parser goes

@@ -296,6 +296,18 @@ renderer_python() {
     return 1
 }
 
+# escaped_log FILE: appends stdin to FILE with every control character escaped (scripts/escape_log.py), for
+# nginx's stderr: nginx writes a client's Referer and request line into its error log byte for byte.
+#   nginx ... 2> >(escaped_log "$NGINX_LOG_DIR/error.log")
+escaped_log() {
+    local py
+    for py in "${FLUX_PYTHON:-}" "${PYTHON:-}" "$FLUX_PROJECT_DIR/.venv/bin/python" python3; do
+        [[ -n "$py" ]] && command -v "$py" >/dev/null 2>&1 && break
+    done
+    # its own stdout and stderr go to FILE: the terminal or pipe of whoever started nginx may close long before
+    exec "$py" "$FLUX_PROJECT_DIR/scripts/escape_log.py" >>"$1" 2>&1
+}
+
 # render_nginx ARGS...: scripts/render_nginx.py's options (--listen, --worker port:precision, --out, ...).
 render_nginx() {
     local py
