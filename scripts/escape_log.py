@@ -11,6 +11,7 @@ soon as it is read, so the log stays live.
 """
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -27,6 +28,10 @@ def escape_line(raw: bytes) -> bytes:
 
 
 def main() -> int:
+    # nginx's last lines (its shutdown) come after a stop signal reached the group: end at end of input, which is
+    # when the last nginx process has gone, never before
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_IGN)
     out = sys.stdout.buffer
     for raw in sys.stdin.buffer:
         try:
