@@ -40,17 +40,8 @@ def _object_without_duplicates(pairs: list[tuple[str, object]]) -> dict:
     return obj
 
 
-class _NotJsonConstant(Exception):
-    pass
-
-
-def _no_constant(name: str):
-    # json.loads takes NaN, Infinity and -Infinity, which JSON does not have (RFC 8259) and no other parser reads
-    raise _NotJsonConstant(name)
-
-
 def _loads(raw: bytes):
-    return json.loads(raw, object_pairs_hook=_object_without_duplicates, parse_constant=_no_constant)
+    return json.loads(raw, object_pairs_hook=_object_without_duplicates)
 
 
 async def read_json_object(request: Request, max_bytes: int, image_bytes: int = 0) -> dict:
@@ -84,8 +75,6 @@ async def read_json_object(request: Request, max_bytes: int, image_bytes: int = 
         data = _loads(raw) if size < LARGE_BODY else await asyncio.to_thread(_loads, raw)
     except _DuplicateKey as exc:
         raise InvalidRequest(f"{exc.key}: given more than once", field=exc.key) from None
-    except _NotJsonConstant as exc:
-        raise InvalidJson(f"the body is not valid JSON: {exc} is not a JSON number", field="body") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidJson(f"the body is not valid JSON: {exc}", field="body") from None
     except (ValueError, RecursionError):  # a number over 4300 digits, or nesting deeper than the parser goes
