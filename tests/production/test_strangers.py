@@ -205,3 +205,40 @@ def _filters_for(logs: Path) -> list[int]:
         except OSError:
             continue
     return found
+
+
+# ---- a worker reached directly ----------------------------------------------------------------------------
+def _rss_mb(pid: int) -> float:
+    return int(Path(f"/proc/{pid}/status").read_text().split("VmRSS:")[1].split()[0]) / 1024
+
+
+def test_a_worker_reached_directly_refuses_a_huge_header_before_buffering_it(stack):
+    import socket
+    worker = stack.worker
+    before = _rss_mb(worker.pid)
+    answers = []
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", worker.port), timeout=30) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Request-ID: big-header-1\r\n")
+            try:
+                for i in range(64):  # 64 MiB of header, unless the worker stops reading first
+                    sock.sendall(b"X-Big-%d: %s\r\n" % (i, b"a" * (1 << 20)))
+                sock.sendall(b"\r\n")
+            except OSError:
+                pass  # closed on us mid-send: what a bound looks like
+            raw = b""
+            try:
+                while chunk := sock.recv(65536):
+                    raw += chunk
+            except OSError:
+                pass
+            answers.append(raw)
+    assert _rss_mb(worker.pid) - before < 64, (before, _rss_mb(worker.pid))
+    refused = [a for a in answers if a.startswith(b"HTTP/1.1 431")]
+    assert refused, [a[:200] for a in answers]
+    head, _, body = refused[0].partition(b"\r\n\r\n")
+    error = json.loads(body)["error"]
+    assert error["code"] == "header_too_large" and error["request_id"] == "big-header-1", error
+    # a header of ordinary size (nginx's own bound is 4 x 8 KiB) is served as before
+    ok = request(worker.port, "GET /health HTTP/1.1\r\nHost: x\r\nX-Fill: " + "f" * 30000 + "\r\nConnection: close")
+    assert ok.status == 200, ok
