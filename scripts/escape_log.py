@@ -39,6 +39,8 @@ def main() -> int:
             out.flush()
         except BrokenPipeError:
             return 0
+        except OSError:
+            continue  # a full disk: this line is lost, as nginx's own write would have failed; the next may fit
     return 0
 
 
