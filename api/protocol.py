@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import uuid
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -33,6 +34,8 @@ from api.middleware import REQUEST_ID_RE
 
 
 log = logging.getLogger("flux.connection")
+# X-Request-ID as a header line in raw bytes (nginx sends its id in the header block whatever the request line holds)
+_RAW_REQUEST_ID = re.compile(rb"\r\nx-request-id:[ \t]*([A-Za-z0-9._-]{1,64})[ \t]*\r\n", re.IGNORECASE)
 MAX_HEADER_BYTES = 64 * 1024  # request line and header fields; counted per read, so exact to one read (<= 256 KiB)
 
 
@@ -45,6 +48,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._guard: asyncio.TimerHandle | None = None
         self._guard_kind = ""
         self._in_header = True  # between requests, or inside a request line or header
+        self._last_read = b""  # the latest bytes read, for a request id the parser never reached
         self._header_bytes = 0
 
     def _arm(self, kind: str, delay: float) -> None:
@@ -85,6 +89,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         before the problem (nginx sends its X-Request-ID first), so nginx's log, its answer's header and this body
         agree; else a new one."""
         sent = [value.decode("latin-1") for name, value in (self.headers or ()) if name == b"x-request-id"]
+        if not sent:  # refused before the parser reached the headers (a bad byte in the request line)
+            sent = [m.group(1).decode() for m in _RAW_REQUEST_ID.finditer(self._last_read)][:1]
         request_id = sent[0] if sent and REQUEST_ID_RE.match(sent[0]) else uuid.uuid4().hex
         body = json.dumps(error.body(request_id)).encode()
         log.info("request_id=%s from %s %s", request_id, "%s:%s" % self.client if self.client else "?", why)
@@ -96,6 +102,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def data_received(self, data: bytes) -> None:
+        self._last_read = data
         if self._in_header:
             self._header_bytes += len(data)
         super().data_received(data)

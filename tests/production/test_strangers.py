@@ -242,3 +242,18 @@ def test_a_worker_reached_directly_refuses_a_huge_header_before_buffering_it(sta
     # a header of ordinary size (nginx's own bound is 4 x 8 KiB) is served as before
     ok = request(worker.port, "GET /health HTTP/1.1\r\nHost: x\r\nX-Fill: " + "f" * 30000 + "\r\nConnection: close")
     assert ok.status == 200, ok
+
+
+def test_a_request_line_the_worker_refuses_keeps_nginxs_request_id(stack):
+    """nginx passes on a path byte httptools refuses; the worker's 400 must carry the id nginx logged and sent,
+    found in the header block the parser never reached."""
+    for sent, kept in (("line-id-1", True), ("bad id!", False)):
+        raw = (b"GET /health/\xc2\x9b31m HTTP/1.1\r\nHost: x\r\nX-Request-ID: " + sent.encode()
+               + b"\r\nConnection: close\r\n\r\n")
+        resp = exchange(stack.port, raw)
+        assert resp.status == 400, resp
+        body_id = resp.json()["error"]["request_id"]
+        assert resp.headers["x-request-id"] == body_id, (resp.headers, resp.body)
+        assert (body_id == sent) is kept, body_id
+        wait_until(lambda: f'"request_id":"{body_id}"' in stack.access_log(), 5, 0.1, "nginx's access line")
+        wait_until(lambda: f"request_id={body_id} " in stack.worker.log_text(), 5, 0.1, "the worker's log line")
