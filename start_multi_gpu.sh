@@ -429,10 +429,11 @@ start_nginx() {
         sed 's/^/    /' "$NGINX_PREFIX/test.log" >&2
         return 2
     fi
-    local launcher=()
+    local launcher=() errors
     have setsid && launcher=(setsid)
+    errors="$(escaped_log_fifo "$NGINX_LOG_DIR/error.log")" || { error "cannot make $NGINX_PREFIX/error-log.fifo"; return 2; }
     "${launcher[@]}" nginx -p "$NGINX_PREFIX/" -c "$NGINX_CONF_USED" -g "$NGINX_G" \
-        >>"$NGINX_LOG_DIR/access.log" 2>>"$NGINX_LOG_DIR/error.log" </dev/null &
+        >>"$NGINX_LOG_DIR/access.log" 2>"$errors" </dev/null &
     pid=$!
     echo "$pid" >"$(nginx_pidfile)"
     write_record "$(nginx_record)" "PID=$pid" "PORT=$NGINX_PORT" "CONF=$NGINX_CONF_USED" "STARTED_AT=$(date +%s)"
@@ -449,6 +450,7 @@ start_nginx() {
     else
         error "nginx did not start"
     fi
+    sleep 0.3  # the last lines pass through the error log's escaping filter
     show_log_tail "$NGINX_LOG_DIR/error.log" 10
     rm -f "$(nginx_pidfile)" "$(nginx_record)"
     return 2
@@ -793,8 +795,9 @@ cmd_nginx() {
     nginx -t -q -p "$NGINX_PREFIX/" -c "$NGINX_CONF_USED" -g "$NGINX_G" || fatal "nginx -t failed"
     echo $$ >"$(nginx_pidfile)"
     write_record "$(nginx_record)" "PID=$$" "PORT=$NGINX_PORT" "CONF=$NGINX_CONF_USED" "STARTED_AT=$(date +%s)"
+    errors="$(escaped_log_fifo "$NGINX_LOG_DIR/error.log")" || fatal "cannot make $NGINX_PREFIX/error-log.fifo"
     exec nginx -p "$NGINX_PREFIX/" -c "$NGINX_CONF_USED" -g "$NGINX_G" \
-        >>"$NGINX_LOG_DIR/access.log" 2>>"$NGINX_LOG_DIR/error.log"
+        >>"$NGINX_LOG_DIR/access.log" 2>"$errors"
 }
 
 # The shipped nginx.conf / nginx_mixed.conf are this output for 8 GPUs (paths relative to nginx's prefix,

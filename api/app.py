@@ -123,8 +123,11 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
             await rt.queue.stop()
             rt.jobstore.close()
 
+    # No trailing-slash redirects: Starlette builds their Location from the client's Host header (a URL any
+    # client could point at another site) or, reached directly, from the worker's own address. "/generate/"
+    # is an unknown route like any other.
     app = FastAPI(title="FLUX image generation API", version=__version__, lifespan=lifespan,
-                  docs_url="/docs", redoc_url=None)
+                  docs_url="/docs", redoc_url=None, redirect_slashes=False)
     app.state.runtime = rt
 
     @app.exception_handler(ApiError)

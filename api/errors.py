@@ -41,6 +41,10 @@ class BadRequest(ApiError):
     status, code = 400, "bad_request"
 
 
+class HeaderTooLarge(ApiError):
+    status, code = 431, "header_too_large"  # nginx's own answer for the same case uses this code too
+
+
 class InvalidJson(ApiError):
     status, code = 400, "invalid_json"
 

@@ -53,6 +53,10 @@ async def read_json_object(request: Request, max_bytes: int, image_bytes: int = 
     if ctype not in JSON_TYPES and not ctype.endswith("+json"):
         raise UnsupportedMediaType("send the body as JSON with Content-Type: application/json",
                                    field="content-type")
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):  # the bytes would be read as JSON and fail with a decoder's message
+        raise UnsupportedMediaType("Content-Encoding is not supported: send the JSON body uncompressed",
+                                   field="content-encoding")
     limit = max_bytes + image_body_allowance(image_bytes)
     too_large = PayloadTooLarge(f"the body must be at most {max_bytes} bytes" + (
         f" ({limit} with an image)" if image_bytes else ""), field="body")

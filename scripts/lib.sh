@@ -296,6 +296,25 @@ renderer_python() {
     return 1
 }
 
+# escaped_log_fifo FILE: prints the path of a FIFO whose lines are appended to FILE with every control character
+# escaped (scripts/escape_log.py): nginx's stderr goes there, as nginx copies a client's Referer and request line
+# into its error log byte for byte.   nginx ... 2>"$(escaped_log_fifo "$NGINX_LOG_DIR/error.log")"
+# The filter is started in a subshell that exits at once, so it is nobody's child: not nginx's (which is exec'd
+# in place of the systemd entry point's shell; its children are its workers), not a zombie's. It ends when the
+# last nginx process has closed the FIFO.
+escaped_log_fifo() {
+    local py fifo="$NGINX_PREFIX/error-log.fifo"
+    for py in "${FLUX_PYTHON:-}" "${PYTHON:-}" "$FLUX_PROJECT_DIR/.venv/bin/python" python3; do
+        [[ -n "$py" ]] && command -v "$py" >/dev/null 2>&1 && break
+    done
+    mkdir -p "$NGINX_PREFIX"
+    rm -f "$fifo"
+    mkfifo -m 600 "$fifo" || return 1
+    # FILE before the FIFO: opening the FIFO waits for nginx, and meanwhile no other output may be held open
+    ("$py" "$FLUX_PROJECT_DIR/scripts/escape_log.py" >>"$1" 2>&1 <"$fifo" &)
+    echo "$fifo"
+}
+
 # render_nginx ARGS...: scripts/render_nginx.py's options (--listen, --worker port:precision, --out, ...).
 render_nginx() {
     local py

@@ -69,8 +69,11 @@ ERRORS = (
     (404, "not_found", "no such resource", "false", None),
     (405, "method_not_allowed", "method not allowed on this path", "false", None),
     (408, "request_timeout", "the request did not arrive in time", "true", None),
+    (412, "precondition_failed", "a condition of the request (If-Match, If-Unmodified-Since) does not hold",
+     "false", None),
     (413, "payload_too_large", "request body too large", "false", None),
     (414, "uri_too_long", "request URI too long", "false", None),
+    (416, "range_not_satisfiable", "the requested range is outside the file", "false", None),
     (429, "rate_limited", "too many requests for this key or address", "true", 1),
     (431, "header_too_large", "request headers too large", "false", None),
     (500, "internal_error", "internal error in the proxy", "true", None),
@@ -78,6 +81,7 @@ ERRORS = (
     (502, "bad_gateway", "no worker could answer; retry shortly", "true", 1),
     (503, "unavailable", "service unavailable; retry shortly", "true", 1),
     (504, "gateway_timeout", "the worker did not answer in time", "true", None),
+    (505, "http_version_not_supported", "HTTP version not supported: use HTTP/1.1 or HTTP/1.0", "false", None),
 )
 # nginx's own codes for "header too large" (494) map onto the standard 431.
 ERROR_PAGES = tuple((s, s) for s, *_ in ERRORS if s != 431) + ((494, 431),)
