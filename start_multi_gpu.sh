@@ -350,8 +350,7 @@ prepare_nginx_conf() {
     local account="" images="$OUTPUT_DIR"
     mkdir -p "$NGINX_PREFIX" "$NGINX_LOG_DIR" "$OUTPUT_DIR"
     mapfile -t args < <(worker_args; render_options)
-    args+=(--web-dir "$FLUX_PROJECT_DIR/web" --workers-json "$NGINX_PREFIX/workers.json"
-        --headers-more auto --marker "$(nginx_marker_token)")
+    args+=(--web-dir "$FLUX_PROJECT_DIR/web" --headers-more auto --marker "$(nginx_marker_token)")
     if [[ $EUID -eq 0 ]]; then
         account="$(nginx_user)"
         args+=(--user "$account")

@@ -13,7 +13,7 @@ As a module (tests, a fleet gateway):
 As a program (start_multi_gpu.sh):
 
     render_nginx.py --listen 127.0.0.1:8080 --worker 8000:fp4 --worker 10.0.0.6:8000:bf16:b0 \\
-        [--images-dir DIR] [--web-dir DIR] [--workers-json PATH] [--rate 10r/s] [--burst 20] [--max-body 1m] \\
+        [--images-dir DIR] [--web-dir DIR] [--rate 10r/s] [--burst 20] [--max-body 1m] \\
         [--read-timeout 600s] [--user nobody] [--headers-more auto|off|PATH] [--marker TOKEN] \\
         [--max-fails 3] [--fail-timeout 30s] [--workers-file FILE] \\
         [--resolver "ADDR [valid=10s]"] [--pid FILE] [--temp-dir DIR] [--lora-affinity on|off]
@@ -127,7 +127,6 @@ class Options:
     listen: str = "80"                   # port or addr:port
     images_dir: str | None = None        # absolute folder: local workers' images from disk; None: proxied
     web_dir: str = "web"                 # holds ui/ and dashboard/; relative paths are relative to nginx's prefix
-    workers_json: str = "workers.json"   # served at /dashboard/workers.json
     rate: str | None = None              # e.g. 10r/s; None: no rate limit
     burst: int = 20
     max_body: str = "1m"
@@ -206,7 +205,7 @@ def render(workers: list[Worker], opts: Options) -> str:
         raise RenderError(f"resolver {opts.resolver!r}: addresses and options such as valid=10s, space-separated")
     if not re.match(r"^[A-Za-z0-9_-]{1,64}$", opts.marker):
         raise RenderError(f"marker {opts.marker!r}: letters, digits, - and _ only")
-    for path in (opts.images_dir, opts.web_dir, opts.workers_json, opts.headers_more, opts.pid, opts.temp_dir):
+    for path in (opts.images_dir, opts.web_dir, opts.headers_more, opts.pid, opts.temp_dir):
         if path and not re.match(r"^[^\s\"';{}$\\]+$", path):
             raise RenderError(f"path {path!r}: spaces, quotes, $, ; and braces are not allowed in nginx paths")
     keys = []
@@ -230,7 +229,7 @@ def render(workers: list[Worker], opts: Options) -> str:
                              keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
     # workers.json is served from the config itself: nginx's unprivileged workers may not be able to read the
     # run folder (a 0700 home), and the list changes only when the config is rendered again anyway.
-    workers_inline = json.dumps(workers_document(workers, listen_port(opts.listen)), separators=(",", ":"))
+    workers_inline = json.dumps(public_workers_document(workers), separators=(",", ":"))
     if re.search(r"['$\\]", workers_inline):
         raise RenderError("a worker's host, id or precision holds a quote, $ or backslash")
     errors = [{"status": s, "code": c, "message": m, "retryable": r, "retry_after": ra} for s, c, m, r, ra in ERRORS]
@@ -251,7 +250,14 @@ def listen_port(listen: str) -> int:
 
 
 def workers_document(workers: list[Worker], nginx_port: int) -> dict:
+    """The operators' list (written next to the config): every worker's address too."""
     return {"workers": [w.as_dict() for w in workers], "nginx_port": int(nginx_port)}
+
+
+def public_workers_document(workers: list[Worker]) -> dict:
+    """What /dashboard/workers.json tells anyone: ids and precisions, all the dashboard polls by (through
+    /workers/<id>/...). Addresses and ports of the workers stay out of it."""
+    return {"workers": [{"id": w.id, "precision": w.precision} for w in workers]}
 
 
 def _write(path: Path, text: str, mode: int) -> None:
@@ -410,7 +416,6 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--worker", action="append", default=[], help="port:precision or host:port:precision[:id]")
     ap.add_argument("--images-dir")
     ap.add_argument("--web-dir", default="web")
-    ap.add_argument("--workers-json", default="workers.json", help="path nginx serves /dashboard/workers.json from")
     ap.add_argument("--rate")
     ap.add_argument("--burst", type=int, default=20)
     ap.add_argument("--max-body", default="1m")
@@ -438,7 +443,7 @@ def main(argv: list[str]) -> int:
         if args.burst < 0:
             raise RenderError("burst must be 0 or more")
         opts = Options(listen=args.listen, images_dir=args.images_dir, web_dir=args.web_dir,
-                       workers_json=args.workers_json, rate=args.rate or None, burst=args.burst,
+                       rate=args.rate or None, burst=args.burst,
                        max_body=args.max_body, read_timeout=args.read_timeout,
                        api_keys=[] if args.no_api_keys or not args.rate else read_api_keys(),
                        user=args.user, headers_more=headers_more, marker=args.marker, max_fails=args.max_fails,

@@ -72,7 +72,7 @@ fi
 if [[ -f "$dir/nginx.conf" ]]; then target="$dir/nginx.conf"; else target="$here/gateway/nginx.conf"; fi
 render_args=(--workers-file "$tmp/workers.json" --listen 8080 --no-api-keys --headers-more off
     --resolver "${RESOLVER:-kube-dns.kube-system.svc.cluster.local valid=10s ipv6=off}"
-    --pid /tmp/nginx.pid --temp-dir /tmp --workers-json /tmp/workers.json)
+    --pid /tmp/nginx.pid --temp-dir /tmp)
 [[ -z "${FLUX_RATE_LIMIT:-}" ]] || render_args+=(--rate "$FLUX_RATE_LIMIT")
 (cd "$root" && "$python" scripts/render_nginx.py "${render_args[@]}" --out "$tmp/nginx.conf")
 [[ -s "$tmp/nginx.conf" ]] || { echo "the renderer wrote nothing" >&2; exit 1; }

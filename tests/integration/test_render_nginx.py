@@ -89,8 +89,7 @@ def test_jobs_images_and_worker_probes_reach_the_owner_wherever_it_runs(tmp_path
         (out / f"near-{name}.png").write_bytes(b"\x89PNG local")
         (out / f"far-{name}.png").write_bytes(b"\x89PNG stale local copy")
         (out / f"near-{'f' * 32}.webp").symlink_to("/etc/passwd")
-        opts = Options(listen=f"127.0.0.1:{nginx_port}", images_dir=str(out),
-                       workers_json=str(out / "workers.json"), web_dir=str(ROOT / "web"))
+        opts = Options(listen=f"127.0.0.1:{nginx_port}", images_dir=str(out), web_dir=str(ROOT / "web"))
         write_outputs([near, far], opts, tmp_path / "unused.conf", out / "workers.json")
         with EchoUpstream("127.0.0.1", near_port, "near"), EchoUpstream("127.0.0.2", far_port, "far"), \
                 Nginx(tmp_path, [near, far], opts) as nginx:
@@ -125,7 +124,9 @@ def test_jobs_images_and_worker_probes_reach_the_owner_wherever_it_runs(tmp_path
             assert get("/workers/other/health")[0] == 404
             assert get("/workers/near/generate")[0] == 404
             status, headers, body = get("/dashboard/workers.json")
-            assert status == 200 and json.loads(body)["workers"][1]["id"] == "far"
+            assert status == 200 and json.loads(body) == {"workers": [{"id": w.id, "precision": w.precision}
+                                                                      for w in (near, far)]}
+            assert b"127.0.0.1" not in body and str(far.port).encode() not in body  # no address, no port
             assert headers["Cache-Control"] == "no-cache"
             status, _, body = get("/dashboard/nginx_status")
             assert status == 200 and b"Active connections" in body
