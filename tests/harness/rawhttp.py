@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -11,6 +11,11 @@ class RawResponse:
     status: int
     headers: dict[str, str]  # lower-cased names; the last value wins
     body: bytes
+    header_lines: list[tuple[str, str]] = field(default_factory=list)  # every header as sent, in order
+
+    def all(self, name: str) -> list[str]:
+        """Every value sent under `name` (lower-case), repeats included."""
+        return [v for n, v in self.header_lines if n == name]
 
     def json(self):
         return json.loads(self.body)
@@ -29,10 +34,11 @@ def read_response(sock: socket.socket) -> RawResponse | None:
     head, _, rest = buf.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
-    headers = {}
+    header_lines = []
     for line in lines[1:]:
         name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
+        header_lines.append((name.strip().lower(), value.strip()))
+    headers = dict(header_lines)
 
     def more() -> bytes:
         chunk = sock.recv(65536)
@@ -44,7 +50,7 @@ def read_response(sock: socket.socket) -> RawResponse | None:
         size = int(headers["content-length"])
         while len(rest) < size:
             rest += more()
-        return RawResponse(status, headers, rest[:size])
+        return RawResponse(status, headers, rest[:size], header_lines)
     if headers.get("transfer-encoding", "").lower() == "chunked":
         body = b""
         while True:
@@ -56,11 +62,11 @@ def read_response(sock: socket.socket) -> RawResponse | None:
                 rest += more()
             body, rest = body + rest[:size], rest[size + 2:]
             if size == 0:
-                return RawResponse(status, headers, body)
+                return RawResponse(status, headers, body, header_lines)
     body = rest
     while chunk := sock.recv(65536):  # delimited by the close
         body += chunk
-    return RawResponse(status, headers, body)
+    return RawResponse(status, headers, body, header_lines)
 
 
 def exchange(port: int, data: bytes, timeout: float = 60.0) -> RawResponse | None:
