@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 SUFFIX = ".safetensors"
+LORA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_KEYS = 20_000  # FLUX.1 has ~500 Linears; a header with more keys is not a FLUX LoRA
 
 
@@ -126,8 +127,9 @@ def read_adapter(path: Path, targets: dict[str, tuple[int, int]], max_rank: int,
     except (OSError, ValueError, RuntimeError, TypeError) as exc:  # an OSError's text would hold the path
         raise LoraError(f"{field}: the file is not a readable safetensors file ({type(exc).__name__})",
                         field) from None
-    if not all(t.is_floating_point() for t in raw.values()):
-        raise LoraError(f"{field}: LoRA tensors must be floating point", field)
+    # fp8 is floating point too, but torch cannot check it for NaN (isfinite raises) nor do PEFT's maths on it
+    if not all(t.dtype in LORA_DTYPES for t in raw.values()):
+        raise LoraError(f"{field}: LoRA tensors must be float16, bfloat16, float32 or float64", field)
     from diffusers import FluxPipeline
 
     try:
@@ -159,6 +161,8 @@ def read_adapter(path: Path, targets: dict[str, tuple[int, int]], max_rank: int,
         if a is None or b is None or a.dim() != 2 or b.dim() != 2:
             raise LoraError(f"{field}: {module} needs a 2-D lora_A and lora_B", field)
         r = a.shape[0]
+        if r < 1:  # an empty lora_A: diffusers divides by the rank, and a failed hot-swap deletes the slot
+            raise LoraError(f"{field}: {module} has rank 0 (empty lora_A/lora_B)", field)
         if a.shape[1] != in_f or b.shape[0] != out_f or b.shape[1] != r:
             raise LoraError(f"{field}: {module} has shapes A{tuple(a.shape)} B{tuple(b.shape)}; this model needs "
                             f"A(r, {in_f}) and B({out_f}, r)", field)
