@@ -18,6 +18,7 @@ import weakref
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from api.errors import InvalidRequest, PayloadTooLarge
+from api.storage import NAME_RE
 from api.schemas import MAX_PIXELS, MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, GenerateRequest
 
 FORMATS = ("PNG", "JPEG", "WEBP")
@@ -42,11 +43,15 @@ def image_bytes(value: str, field: str, store, max_bytes: int) -> bytes:
     if _URL_RE.match(value):
         raise InvalidRequest(f"{field}: URLs are not fetched; send the image as base64, a data URL, or the name of "
                              "an image this service generated", field=field)
-    name_path = store.path_for(value) if len(value) <= 64 else None
-    if name_path is not None:
-        if name_path.stat().st_size > max_bytes:
+    if NAME_RE.fullmatch(value):
+        # read_bytes, the call both stores answer (a local file or the bucket's object), and only for a name the
+        # service makes: path_for is the local store's alone, and the S3 store has none (a 500 for every name)
+        raw = store.read_bytes(value)
+        if raw is None:
+            raise InvalidRequest(f"{field}: no image named {value!r} (unknown, or expired)", field=field)
+        if len(raw) > max_bytes:
             raise PayloadTooLarge(f"{field}: the image file must be at most {max_bytes} bytes", field=field)
-        return name_path.read_bytes()
+        return raw
     payload = value
     match = _DATA_URL_RE.match(value)
     if match:
