@@ -44,6 +44,14 @@ class LoraError(ValueError):
         self.message, self.field, self.status = message, field, status
 
 
+class LoraSlotLost(RuntimeError):
+    """A hot-swap failed and diffusers deleted the slot with it: every later LoRA request would fail, and a slot
+    cannot be made again without recompiling. Fatal (read by the queue): the worker reports failed and exits, and
+    its supervisor starts a clean one."""
+
+    fatal = True
+
+
 @dataclass(frozen=True)
 class AdapterInfo:
     name: str
@@ -288,7 +296,13 @@ class LoraSlots:
                 name, scale, sig = want
                 state = self._adapter(name, sig)
                 scaled = {k: (v * scale if ".lora_B." in k else v) for k, v in state.items()}
-                self.pipe.load_lora_weights(scaled, adapter_name=slot, hotswap=True)
+                try:
+                    self.pipe.load_lora_weights(scaled, adapter_name=slot, hotswap=True)
+                except Exception as exc:
+                    if not any(slot in layer.lora_A for layer in self._layers()):
+                        raise LoraSlotLost(f"LoRA {slot} was deleted by a failed hot-swap ({type(exc).__name__})") \
+                            from exc
+                    raise
                 self.swaps += 1
             self._current[index] = want
         if not self._enabled:

@@ -132,6 +132,23 @@ def test_switching_adapters_never_recompiles(lora_dir, lora_engine):
     assert np.array_equal(images[0], _render(lora_engine, [("style-a", 1.0)]))  # compiled == eager
 
 
+def test_a_hot_swap_that_deletes_its_slot_is_fatal(lora_dir, lora_engine, monkeypatch):
+    """diffusers deletes a slot whose hot-swap failed; every later LoRA request then failed with a 500 on a worker
+    that still said ready (a rank-0 file did it). Now the error is fatal: the worker exits for its supervisor."""
+    import peft.utils.hotswap
+
+    engine = _engine(lora_dir)
+
+    def failing_copy(*args, **kwargs):  # an injected failure inside the copy into the slot
+        raise RuntimeError("planted hot-swap failure")
+
+    monkeypatch.setattr(peft.utils.hotswap, "hotswap_adapter_from_state_dict", failing_copy)
+    with pytest.raises(Exception) as failed:
+        _render(engine, [("style-a", 1.0)])
+    assert getattr(failed.value, "fatal", False) is True, repr(failed.value)
+    assert "slot0" in str(failed.value)
+
+
 def test_a_changed_file_is_read_again(lora_dir, lora_engine, bf16_engine):
     path = lora_dir / "changing.safetensors"
     peft_adapter(lora_engine.pipe.transformer, path, rank=4, seed=10)
