@@ -87,6 +87,10 @@ BAD_BODIES = [
     ("empty-body", raw(b""), 400, "invalid_json", "body"),
     ("not-utf8", raw(b'{"prompt": "\xff\xfe"}'), 400, "invalid_json", "body"),
     ("nan-literal", raw(b'{"prompt": "a", "guidance_scale": NaN}'), 422, "invalid_request", "guidance_scale"),
+    ("duplicate-key", raw(b'{"prompt": "a", "prompt": "b"}'), 422, "invalid_request", "prompt"),
+    # a nested key given twice is named by its path, not by its bare name (which could be a top-level field)
+    ("duplicate-nested-key", raw(b'{"prompt": "a", "loras": [{"name": "x"}, {"name": "x", "name": "y"}]}'), 422,
+     "invalid_request", "loras.1.name"),
     ("json-array", raw(json.dumps([SMALL]).encode()), 422, "invalid_request", "body"),
     ("json-string", raw(b'"a cat"'), 422, "invalid_request", "body"),
     ("json-null", raw(b"null"), 422, "invalid_request", "body"),
