@@ -30,18 +30,48 @@ class _DuplicateKey(Exception):
         self.key = key
 
 
+class _Duplicated(dict):
+    key = ""
+
+
 def _object_without_duplicates(pairs: list[tuple[str, object]]) -> dict:
     """A JSON object whose keys are all different: with a key twice, the last would silently win, and which one a
-    client meant (or another parser would take) is anybody's guess."""
+    client meant (or another parser would take) is anybody's guess. An object with a key twice is marked (the
+    parser builds inner objects first, so only the finished document tells where it sits)."""
     obj = dict(pairs)
     if len(obj) != len(pairs):
         seen: set[str] = set()
-        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+        obj = _Duplicated(obj)
+        obj.key = next(k for k, _ in pairs if k in seen or seen.add(k))
     return obj
 
 
+def _duplicate_path(data) -> str | None:
+    """The field path ("loras.0.name") of the first key given twice, or None. Iterative: nesting may be deep."""
+    stack = [(data, "")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, _Duplicated):
+            return f"{path}.{node.key}" if path else node.key
+        children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        stack.extend(reversed([(v, f"{path}.{k}" if path else str(k)) for k, v in children
+                               if isinstance(v, (dict, list))]))
+    return None
+
+
 def _loads(raw: bytes):
-    return json.loads(raw, object_pairs_hook=_object_without_duplicates)
+    marked: list[dict] = []
+
+    def hook(pairs):
+        obj = _object_without_duplicates(pairs)
+        if isinstance(obj, _Duplicated):
+            marked.append(obj)
+        return obj
+
+    data = json.loads(raw, object_pairs_hook=hook)
+    if marked:  # the walk only for a body that has a key twice
+        raise _DuplicateKey(_duplicate_path(data) or marked[0].key)
+    return data
 
 
 async def read_json_object(request: Request, max_bytes: int, image_bytes: int = 0) -> dict:

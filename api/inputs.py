@@ -18,12 +18,15 @@ import weakref
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from api.errors import InvalidRequest, PayloadTooLarge
+from api.storage import NAME_RE
 from api.schemas import MAX_PIXELS, MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, GenerateRequest
 
 FORMATS = ("PNG", "JPEG", "WEBP")
 DEFAULT_STRENGTH = 0.8
 _URL_RE = re.compile(r"^\s*([a-z][a-z0-9+.-]*://|//|file:)", re.IGNORECASE)
 _DATA_URL_RE = re.compile(r"^data:([a-z0-9.+/-]*)(;[a-z0-9=.+-]*)*?(;base64)?,", re.IGNORECASE)
+_B64_CLEAN = str.maketrans({"-": "+", "_": "/", " ": None, "\t": None, "\n": None, "\r": None, "\f": None,
+                            "\v": None})
 _decoders: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore]" = weakref.WeakKeyDictionary()
 
 
@@ -40,18 +43,25 @@ def image_bytes(value: str, field: str, store, max_bytes: int) -> bytes:
     if _URL_RE.match(value):
         raise InvalidRequest(f"{field}: URLs are not fetched; send the image as base64, a data URL, or the name of "
                              "an image this service generated", field=field)
-    name_path = store.path_for(value) if len(value) <= 64 else None
-    if name_path is not None:
-        if name_path.stat().st_size > max_bytes:
+    if NAME_RE.fullmatch(value):
+        # read_bytes, the call both stores answer (a local file or the bucket's object), and only for a name the
+        # service makes: path_for is the local store's alone, and the S3 store has none (a 500 for every name)
+        raw = store.read_bytes(value)
+        if raw is None:
+            raise InvalidRequest(f"{field}: no image named {value!r} (unknown, or expired)", field=field)
+        if len(raw) > max_bytes:
             raise PayloadTooLarge(f"{field}: the image file must be at most {max_bytes} bytes", field=field)
-        return name_path.read_bytes()
+        return raw
     payload = value
     match = _DATA_URL_RE.match(value)
     if match:
         if not match.group(3):
             raise InvalidRequest(f"{field}: a data URL must be base64 (data:image/png;base64,...)", field=field)
         payload = value[match.end():]
-    payload = payload.replace("\n", "").replace("\r", "")
+    # base64 as the clients at hand write it: wrapped lines or spaces (MIME, PEM), the URL-safe alphabet (its
+    # '-' and '_' are not in the standard one, so nothing is ambiguous). Padding stays required: without it a
+    # path like "/etc/passwd" would decode to bytes and be answered "not a PNG" instead of "not base64".
+    payload = payload.translate(_B64_CLEAN)
     if len(payload) > 4 * -(-max_bytes // 3) + 4:
         raise PayloadTooLarge(f"{field}: the image file must be at most {max_bytes} bytes", field=field)
     try:
@@ -70,8 +80,13 @@ def open_image(raw: bytes, field: str, max_pixels: int = MAX_PIXELS) -> Image.Im
     """Decode PNG/JPEG/WebP bytes, refusing anything over max_pixels before decoding (header only)."""
     try:
         im = Image.open(io.BytesIO(raw), formats=FORMATS)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:  # Pillow's own limit (far above ours) refused the header's size
+        raise InvalidRequest(f"{field}: the image is larger than {max_pixels:,} pixels", field=field) from None
+    except UnidentifiedImageError:
         raise InvalidRequest(f"{field}: not a PNG, JPEG or WebP image", field=field) from None
+    except (OSError, ValueError, SyntaxError):  # a known format whose header or metadata chunks Pillow refused
+        raise InvalidRequest(f"{field}: the image header is corrupt or its metadata too large",
+                             field=field) from None
     width, height = im.size
     if width < 1 or height < 1 or width * height > max_pixels:
         raise InvalidRequest(f"{field}: the image is {width}x{height}; at most {max_pixels:,} pixels", field=field)

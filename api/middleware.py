@@ -16,9 +16,10 @@ import re
 import time
 import uuid
 
-from api.errors import ClientClosedRequest, RequestTimeout, Unauthorized
+from api.errors import ApiError, ClientClosedRequest, RequestTimeout, Unauthorized
 
 access_log = logging.getLogger("flux.access")
+log = logging.getLogger("api.app")
 # The one rule for a request id a client or proxy may choose; anything else is replaced by a new one. The nginx
 # config renderer applies the same pattern (PCRE reads it alike), so an id is kept or replaced the same way
 # at both layers.
@@ -120,6 +121,7 @@ class RequestContext:
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
+                status_holder["started"] = True
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode()))
                 message = dict(message, headers=headers)
@@ -142,6 +144,19 @@ class RequestContext:
             receive = bounded_receive(scope, receive, rt.settings.body_timeout_s)
         try:
             await self.app(scope, receive, send_wrapper)
+        except Exception:
+            # A bug's exception answered here, not re-raised: Starlette's outer handler would answer the same 500
+            # and then re-raise, and uvicorn resets a kept-alive connection on any exception that reaches it, so
+            # nginx's next request on it (another client's) would fail with a 502.
+            if status_holder.get("started"):
+                raise  # the response already started: only closing the connection can end it
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            body = json.dumps(ApiError("internal error; see the worker log for this request id").body(
+                request_id)).encode()
+            await send_wrapper({"type": "http.response.start", "status": 500,
+                                "headers": [(b"content-type", b"application/json"),
+                                            (b"content-length", str(len(body)).encode())]})
+            await send_wrapper({"type": "http.response.body", "body": body})
         finally:
             self._log(scope, request_id, status_holder["status"], started, state, rt)
 

@@ -58,6 +58,13 @@ def _side_digits(text: str) -> bool:
     return text.isascii() and text.isdigit() and len(text) <= 6
 
 
+# Fields of /generate that this route does not take. Unknown fields are ignored (OpenAI's clients send new ones),
+# but one of these is a request for something this route would silently not do (an image-to-image request
+# answered with a text-to-image, steps that are not taken), so it is refused, naming the route that takes it.
+NATIVE_ONLY = {"width": 'use "size": "WxH"', "height": 'use "size": "WxH"'} | dict.fromkeys(
+    ("image", "mask", "strength", "num_inference_steps", "guidance_scale", "timeout_s", "output_quality"),
+    "send it to /generate or /jobs, which take it")
+
 router = APIRouter()
 
 
@@ -65,6 +72,9 @@ router = APIRouter()
 async def images_generations(request: Request, service: ImageService = Depends(get_service)):
     rt = service.rt
     data = await read_json_object(request, rt.settings.max_body_bytes)
+    for name, hint in NATIVE_ONLY.items():
+        if name in data:
+            raise InvalidRequest(f"{name}: not a field of /v1/images/generations; {hint}", field=name)
     oa = parse_model(OpenAIImageRequest, data)
     width, height = (int(v) for v in (oa.size or "1024x1024").lower().split("x"))
     native = {"prompt": oa.prompt, "width": width, "height": height}

@@ -17,13 +17,17 @@ MAX_LORA_SCALE = 2.0
 MAX_LORAS_FIELD = 16  # a hard bound on the list; the worker's own limit (FLUX_MAX_LORAS_PER_REQUEST) is lower
 
 
+# Floats carry allow_inf_nan=False: NaN (which JSON parsers accept) failed a bound first, with a message about
+# the bound ("less than or equal to 2"); the finite check runs before the bounds and names the defect.
+
+
 class LoraRef(BaseModel):
     """One adapter of a request: a file name in the worker's FLUX_LORA_DIR (without .safetensors) and its scale."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
 
     name: str = Field(max_length=64)
-    scale: float = Field(1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE)
+    scale: float = Field(1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, allow_inf_nan=False)
 
     @field_validator("scale")
     @classmethod
@@ -43,8 +47,9 @@ class GenerateRequest(BaseModel):
     height: int = Field(1024, ge=MIN_SIDE, le=MAX_SIDE)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
-    guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE)
-    timeout_s: float | None = Field(None, gt=0, le=3600, description="deadline for this request, queue included")
+    guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)
+    timeout_s: float | None = Field(None, gt=0, le=3600, allow_inf_nan=False,
+                                     description="deadline for this request, queue included")
     output_format: OutputFormat | None = Field(None, description="png (lossless), jpeg or webp; default: the "
                                                "worker's FLUX_OUTPUT_FORMAT")
     output_quality: int | None = Field(None, ge=1, le=100, description="jpeg/webp quality; default: the worker's")
@@ -52,8 +57,8 @@ class GenerateRequest(BaseModel):
     image: str | None = Field(None, description="input image: base64 PNG/JPEG/WebP, a data URL, or the name of an "
                               "image this service generated; turns the request into image-to-image")
     mask: str | None = Field(None, description="inpainting mask (same forms as image): white is re-drawn")
-    strength: float | None = Field(None, gt=0.0, le=1.0, description="share of the input image re-drawn; "
-                                   "default 0.8")
+    strength: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False,
+                                    description="share of the input image re-drawn; default 0.8")
 
     @field_validator("prompt")
     @classmethod

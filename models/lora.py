@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 SUFFIX = ".safetensors"
+LORA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_KEYS = 20_000  # FLUX.1 has ~500 Linears; a header with more keys is not a FLUX LoRA
 
 
@@ -41,6 +42,14 @@ class LoraError(ValueError):
     def __init__(self, message: str, field: str | None = None, status: int = 422):
         super().__init__(message)
         self.message, self.field, self.status = message, field, status
+
+
+class LoraSlotLost(RuntimeError):
+    """A hot-swap failed and diffusers deleted the slot with it: every later LoRA request would fail, and a slot
+    cannot be made again without recompiling. Fatal (read by the queue): the worker reports failed and exits, and
+    its supervisor starts a clean one."""
+
+    fatal = True
 
 
 @dataclass(frozen=True)
@@ -126,8 +135,9 @@ def read_adapter(path: Path, targets: dict[str, tuple[int, int]], max_rank: int,
     except (OSError, ValueError, RuntimeError, TypeError) as exc:  # an OSError's text would hold the path
         raise LoraError(f"{field}: the file is not a readable safetensors file ({type(exc).__name__})",
                         field) from None
-    if not all(t.is_floating_point() for t in raw.values()):
-        raise LoraError(f"{field}: LoRA tensors must be floating point", field)
+    # fp8 is floating point too, but torch cannot check it for NaN (isfinite raises) nor do PEFT's maths on it
+    if not all(t.dtype in LORA_DTYPES for t in raw.values()):
+        raise LoraError(f"{field}: LoRA tensors must be float16, bfloat16, float32 or float64", field)
     from diffusers import FluxPipeline
 
     try:
@@ -159,6 +169,8 @@ def read_adapter(path: Path, targets: dict[str, tuple[int, int]], max_rank: int,
         if a is None or b is None or a.dim() != 2 or b.dim() != 2:
             raise LoraError(f"{field}: {module} needs a 2-D lora_A and lora_B", field)
         r = a.shape[0]
+        if r < 1:  # an empty lora_A: diffusers divides by the rank, and a failed hot-swap deletes the slot
+            raise LoraError(f"{field}: {module} has rank 0 (empty lora_A/lora_B)", field)
         if a.shape[1] != in_f or b.shape[0] != out_f or b.shape[1] != r:
             raise LoraError(f"{field}: {module} has shapes A{tuple(a.shape)} B{tuple(b.shape)}; this model needs "
                             f"A(r, {in_f}) and B({out_f}, r)", field)
@@ -284,7 +296,13 @@ class LoraSlots:
                 name, scale, sig = want
                 state = self._adapter(name, sig)
                 scaled = {k: (v * scale if ".lora_B." in k else v) for k, v in state.items()}
-                self.pipe.load_lora_weights(scaled, adapter_name=slot, hotswap=True)
+                try:
+                    self.pipe.load_lora_weights(scaled, adapter_name=slot, hotswap=True)
+                except Exception as exc:
+                    if not any(slot in layer.lora_A for layer in self._layers()):
+                        raise LoraSlotLost(f"LoRA {slot} was deleted by a failed hot-swap ({type(exc).__name__})") \
+                            from exc
+                    raise
                 self.swaps += 1
             self._current[index] = want
         if not self._enabled:

@@ -35,7 +35,7 @@ CASES = [
     ("POST", "/generate", b'{"prompt": "cat", "width": 256, "prompt": "dog"}', JSON, 422, "invalid_request",
      "prompt"),
     ("POST", "/jobs", b'{"prompt": "cat", "loras": [{"name": "a", "name": "b"}]}', JSON, 422, "invalid_request",
-     "name"),
+     "loras.0.name"),  # named by its path
     ("POST", "/v1/images/generations", b'{"prompt": "cat", "n": 1, "n": 2}', JSON, 422, "invalid_request", "n"),
     ("GET", "/images/..%2f..%2fapi%2fapp.py", None, {}, 404, "not_found", None),
     ("GET", "/images/%2e%2e%2fmain_bf16.py", None, {}, 404, "not_found", None),

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from api.app import create_app
 from tests.unit.support import SMALL, PreloadedEngine, make_settings, png_image, serve
@@ -91,6 +93,8 @@ async def test_every_form_of_image_is_accepted(app_for):
             "webp": encoded(src, "WEBP"),
             "data-url": "data:image/png;base64," + encoded(src),
             "wrapped": "\n".join(encoded(src)[i:i + 76] for i in range(0, len(encoded(src)), 76)),
+            "spaced": " " + " ".join(encoded(src)[i:i + 64] for i in range(0, len(encoded(src)), 64)) + "\t\n",
+            "url-safe": base64.urlsafe_b64encode(base64.b64decode(encoded(src))).decode(),
             "name": name,
         }
         for form, value in forms.items():
@@ -142,6 +146,22 @@ def _bomb() -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _huge_header() -> str:
+    """A PNG header claiming 100000x100000 (over Pillow's own bomb limit, which refuses it at open)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    raw = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
+    return base64.b64encode(raw).decode()
+
+
+def _huge_text_chunk() -> str:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "A" * (8 << 20), zip=True)  # a few KB that inflate past Pillow's chunk limit
+    return encoded(picture(64, 64), pnginfo=info)
+
+
 def _truncated() -> str:
     raw = base64.b64decode(encoded(picture(64, 64)))
     return base64.b64encode(raw[: len(raw) // 2]).decode()
@@ -163,6 +183,8 @@ BAD = [
     ({"image": "__gif__"}, 422, "image", "not a PNG"),
     ({"image": "__truncated__"}, 422, "image", "truncated"),
     ({"image": "__bomb__"}, 422, "image", "pixels"),
+    ({"image": "__huge_header__"}, 422, "image", "larger than 4,000,000 pixels"),
+    ({"image": "__huge_text_chunk__"}, 422, "image", "metadata too large"),
     ({"image": ""}, 422, "image", "empty"),
     ({"image": 5}, 422, "image", "string"),
     ({"image": "__png__", "strength": 0}, 422, "strength", "greater than 0"),
@@ -179,6 +201,7 @@ BAD = [
 async def test_every_bad_image_is_a_4xx_naming_the_field(app_for):
     png = encoded(picture(64, 64))
     values = {"__png__": png, "__bomb__": _bomb(), "__truncated__": _truncated(), "__gif__": _gif(),
+              "__huge_header__": _huge_header(), "__huge_text_chunk__": _huge_text_chunk(),
               "__small_mask__": encoded(Image.new("L", (32, 32), 255)),
               "__big__": base64.b64encode(np.random.default_rng(0).bytes(30_000)).decode()}
     server, engine = app_for(max_image_bytes=20_000)
@@ -223,3 +246,17 @@ def test_an_images_own_size_becomes_a_servable_one(size):
         assert (w, h) == (384, 256)
     if size == (1000, 1000):
         assert (w, h) == (1008, 1008)
+
+
+async def test_the_openai_route_refuses_the_native_fields_it_would_ignore(app_for):
+    """An image (or steps, a width) sent to /v1/images/generations was dropped: a text-to-image came back."""
+    server, engine = app_for()
+    async with server as http:
+        for extra, field in (({"image": encoded(picture(64, 64)), "n": 2}, "image"), ({"strength": 0.5}, "strength"),
+                             ({"width": 512}, "width"), ({"num_inference_steps": 1}, "num_inference_steps")):
+            response = await http.post("/v1/images/generations", json=dict({"prompt": "x", "size": "256x256"}, **extra))
+            assert response.status_code == 422, (extra, response.text)
+            assert response.json()["error"]["field"] == field
+        ignored = await http.post("/v1/images/generations", json={"prompt": "x", "size": "256x256", "background": "auto"})
+        assert ignored.status_code == 200, ignored.text  # an OpenAI field this service has no use for
+    assert len(engine.batches) == 1

@@ -56,6 +56,10 @@ def lora_engine(lora_dir, bf16_engine):
     first = next(k for k in nan if "lora_B" in k)
     nan[first] = nan[first].clone().fill_(math.nan)
     save_file(nan, str(lora_dir / "nan.safetensors"))
+    style = load_file(str(lora_dir / "style-a.safetensors"))
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in style.items()}, str(lora_dir / "fp8.safetensors"))
+    save_file({k: torch.zeros((0, v.shape[1])) if "lora_A" in k else torch.zeros((v.shape[0], 0))
+               for k, v in style.items()}, str(lora_dir / "rank-0.safetensors"))
     with open(lora_dir / "huge.safetensors", "wb") as fh:  # sparse: larger than any rank-16 adapter of the model
         fh.truncate(64 << 20)
     outside = lora_dir.parent / "outside.safetensors"
@@ -126,6 +130,23 @@ def test_switching_adapters_never_recompiles(lora_dir, lora_engine):
     assert engine.loras.structure() == structure
     assert np.array_equal(images[2], images[-1]) and not np.array_equal(images[0], images[2])
     assert np.array_equal(images[0], _render(lora_engine, [("style-a", 1.0)]))  # compiled == eager
+
+
+def test_a_hot_swap_that_deletes_its_slot_is_fatal(lora_dir, lora_engine, monkeypatch):
+    """diffusers deletes a slot whose hot-swap failed; every later LoRA request then failed with a 500 on a worker
+    that still said ready (a rank-0 file did it). Now the error is fatal: the worker exits for its supervisor."""
+    import peft.utils.hotswap
+
+    engine = _engine(lora_dir)
+
+    def failing_copy(*args, **kwargs):  # an injected failure inside the copy into the slot
+        raise RuntimeError("planted hot-swap failure")
+
+    monkeypatch.setattr(peft.utils.hotswap, "hotswap_adapter_from_state_dict", failing_copy)
+    with pytest.raises(Exception) as failed:
+        _render(engine, [("style-a", 1.0)])
+    assert getattr(failed.value, "fatal", False) is True, repr(failed.value)
+    assert "slot0" in str(failed.value)
 
 
 def test_a_changed_file_is_read_again(lora_dir, lora_engine, bf16_engine):
@@ -204,6 +225,8 @@ BAD = [
     ([{"name": "too-big"}], "loras.0.name", "rank 32 is above"),
     ([{"name": "nan"}], "loras.0.name", "NaN"),
     ([{"name": "huge"}], "loras.0.name", "larger than any adapter"),
+    ([{"name": "fp8"}], "loras.0.name", "float16, bfloat16"),  # torch cannot check fp8 for NaN: was a 500
+    ([{"name": "rank-0"}], "loras.0.name", "rank 0"),  # its failed hot-swap deleted a slot: every later LoRA failed
     ({"name": "style-a"}, "loras", "list"),
 ]
 

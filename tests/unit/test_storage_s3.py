@@ -149,3 +149,15 @@ def test_an_unreachable_store_fails_the_upload_with_a_retryable_503_and_recovers
         assert store.last_error is None and store.read_bytes(name)[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         server.stop()
+
+
+def test_an_image_named_in_a_request_is_read_from_the_bucket(store):
+    """`image`: the name of an image this service made; with S3 storage the lookup took a local path (a 500)."""
+    from api.errors import InvalidRequest
+    from api.inputs import image_bytes
+
+    name = store.save(picture())
+    assert image_bytes(name, "image", store, 10_000_000) == store.read_bytes(name)
+    gone = name[:-36] + "0" * 32 + ".png"
+    with pytest.raises(InvalidRequest, match="no image named"):
+        image_bytes(gone, "mask", store, 10_000_000)

@@ -87,6 +87,10 @@ BAD_BODIES = [
     ("empty-body", raw(b""), 400, "invalid_json", "body"),
     ("not-utf8", raw(b'{"prompt": "\xff\xfe"}'), 400, "invalid_json", "body"),
     ("nan-literal", raw(b'{"prompt": "a", "guidance_scale": NaN}'), 422, "invalid_request", "guidance_scale"),
+    ("duplicate-key", raw(b'{"prompt": "a", "prompt": "b"}'), 422, "invalid_request", "prompt"),
+    # a nested key given twice is named by its path, not by its bare name (which could be a top-level field)
+    ("duplicate-nested-key", raw(b'{"prompt": "a", "loras": [{"name": "x"}, {"name": "x", "name": "y"}]}'), 422,
+     "invalid_request", "loras.1.name"),
     ("json-array", raw(json.dumps([SMALL]).encode()), 422, "invalid_request", "body"),
     ("json-string", raw(b'"a cat"'), 422, "invalid_request", "body"),
     ("json-null", raw(b"null"), 422, "invalid_request", "body"),
@@ -166,3 +170,19 @@ async def test_unknown_route_and_wrong_method_are_json(worker):
     http, _ = worker
     assert_json_error(await http.get("/nope"), 404, "not_found")
     assert_json_error(await http.get("/generate"), 405, "method_not_allowed")
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("field, template", [
+    ("guidance_scale", '{"prompt": "a", "guidance_scale": %s}'),
+    ("timeout_s", '{"prompt": "a", "timeout_s": %s}'),
+    ("strength", '{"prompt": "a", "strength": %s}'),
+    ("loras.0.scale", '{"prompt": "a", "loras": [{"name": "x", "scale": %s}]}'),
+])
+async def test_a_non_finite_number_is_named_as_such(worker, field, template, literal):
+    """NaN used to fail a bound first, answered "less than or equal to 2": true, but not the defect."""
+    http, engine = worker
+    response = await http.post("/generate", **raw((template % literal).encode()))
+    assert_json_error(response, 422, "invalid_request", field)
+    assert "finite" in response.json()["error"]["message"], response.text
+    await assert_untouched_and_healthy(http, engine)
