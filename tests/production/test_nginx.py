@@ -272,7 +272,8 @@ def test_kill_9_under_load_fails_only_the_victims_requests_and_it_comes_back(clu
     after_kill = [r for r in results if r["sent"] > dead]
     assert failed, "nothing was in flight on the victim: the test proved nothing"
     assert after_kill and all(r["status"] == 200 for r in after_kill), \
-        f"requests sent after the victim was gone failed: {[r for r in after_kill if r['status'] != 200][:3]}"
+        f"requests sent after the victim was gone failed (reaped at {dead:.3f}): " \
+        f"{[r for r in after_kill if r['status'] != 200][:3]}\n{c.log_tails()}"
     for r in failed:
         assert r["sent"] < dead, f"a request failed that the victim did not hold: {r}"
         assert r["status"] == 502 and r["ctype"].startswith("application/json") and '"bad_gateway"' in r["body"], r
