@@ -276,7 +276,9 @@ def test_kill_9_under_load_fails_only_the_victims_requests_and_it_comes_back(clu
     for r in failed:
         assert r["sent"] < dead, f"a request failed that the victim did not hold: {r}"
         assert r["status"] == 502 and r["ctype"].startswith("application/json") and '"bad_gateway"' in r["body"], r
-        assert r["done"] - killed < 3, f"an in-flight request waited {r['done'] - killed:.1f} s for its error"
+        # from the moment the victim is gone: tearing a process down is the kernel's time (seconds on a busy
+        # machine), the wait after it is nginx's
+        assert r["done"] - max(killed, dead) < 3, f"an in-flight request waited {r['done'] - dead:.1f} s for its error"
     # what the victim held a moment before the kill, plus at most one request per load client since
     assert len(failed) <= held["queued"] + held["running"] + 4, (held, failed)
     print(f"kill -9: {len(failed)} of {len(results)} requests failed (victim held {held['running']} running, "
