@@ -99,8 +99,14 @@ def test_restart_f_reloads_the_running_gateway_and_a_bad_inventory_changes_nothi
                 assert ok.returncode == 0, ok.stdout + ok.stderr
                 assert int(pidfile.read_text().split()[0]) == pid and pid_alive(pid)  # reloaded, not restarted
                 new = worker_id("127.0.0.3", b_port)
+                # after a reload nginx's old worker processes may take a connection or two more (until they
+                # have read their QUIT): wait until both the list and the route come from the new config
+                def reloaded() -> bool:
+                    status, body = _get(f"{url}/jobs/{new}-0123456789abcdef")
+                    return new in listed() and status == 200 and json.loads(body)["server"] == "b"
+
                 deadline = time.monotonic() + 10
-                while new not in listed() and time.monotonic() < deadline:
+                while not reloaded() and time.monotonic() < deadline:
                     time.sleep(0.1)
                 assert listed() == [worker_id("127.0.0.2", a_port), new]
                 status, body = _get(f"{url}/jobs/{new}-0123456789abcdef")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from scripts.render_nginx import Options, Worker
+from tests.harness.waiting import wait_until
 from tests.integration.nginx_proc import EchoUpstream, Nginx, raw_request, split_response
 from tests.ports import free_port
 
@@ -112,8 +113,8 @@ def test_request_ids_are_ones_the_worker_accepts_and_the_same_everywhere(gateway
         assert headers["x-request-id"] == seen, (headers, seen)  # nginx's id replaces the worker's own header
         assert re.fullmatch(r"[A-Za-z0-9._-]{1,64}", seen)
         assert (seen == sent) is kept
-        time.sleep(0.05)
-        assert f'"request_id":"{seen}"' in gateway.access_log()
+        # nginx writes its access line after the answer has gone out
+        wait_until(lambda: f'"request_id":"{seen}"' in gateway.access_log(), 5, 0.05, f"the access line of {seen}")
         assert "upstream-own-id" not in headers["x-request-id"]
 
 
@@ -130,7 +131,9 @@ def test_every_access_log_line_is_a_json_object_whatever_bytes_a_client_sends(ga
     ]
     for request in requests:
         raw_request(p, request)
-    time.sleep(0.2)
+    # nginx writes each access line after its answer has gone out
+    wait_until(lambda: len((gateway.tmp / "access.log").read_bytes().splitlines()) >= len(requests), 5, 0.05,
+               "an access line per request")
     records = [json.loads(line) for line in (gateway.tmp / "access.log").read_bytes().splitlines()]
     assert len(records) == len(requests)
     # UTF-8 is kept as it came

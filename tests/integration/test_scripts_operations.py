@@ -87,10 +87,13 @@ def test_ctrl_c_during_start_stops_the_loading_workers(tmp_path):
     proc = subprocess.Popen([str(START), "start"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     run = tmp_path / "run"
+    def written():  # a pid file exists a moment before its pid is in it
+        return [p.read_text().split()[:1] for p in run.glob("worker_gpu*.pid")]
+
     deadline = time.monotonic() + 60
-    while len(list(run.glob("worker_gpu*.pid"))) < 2 and time.monotonic() < deadline:
+    while not (len(w := written()) == 2 and all(w)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    pids = [int(p.read_text().split()[0]) for p in run.glob("worker_gpu*.pid")]
+    pids = [int(p[0]) for p in written() if p]
     assert len(pids) == 2
     proc.send_signal(signal.SIGINT)
     try:

@@ -14,8 +14,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 START_TIMEOUT_S = 120
-# ~2 s of dummy:tiny on a CPU: long enough to still be on the GPU thread when SIGTERM lands
-SLOW = {"prompt": "a long exposure of a city at night", "width": 512, "height": 512, "num_inference_steps": 50,
+# ~8 s of dummy:tiny on a CPU: long enough to still be on the GPU thread when SIGTERM lands (512x512 x 50 steps,
+# ~2 s, ended before the refusal had been checked on a loaded 2-core machine)
+SLOW = {"prompt": "a long exposure of a city at night", "width": 768, "height": 768, "num_inference_steps": 100,
         "seed": 3}
 QUICK = {"prompt": "a paper boat", "width": 256, "height": 256, "num_inference_steps": 2, "seed": 5}
 

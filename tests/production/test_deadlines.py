@@ -100,6 +100,8 @@ def test_client_that_hangs_up_while_queued_is_dropped_before_it_runs(idle_worker
     assert job_state(w, blocker)["status"] == "running"
     assert w.stats()["cancelled"] == before["cancelled"] + 1
     w.client.delete(f"/jobs/{blocker}")
+    # were the dropped request still queued it would run now: count once the worker is idle again
+    wait_until(lambda: (s := w.stats())["running"] == 0 and s["queued"] == 0, 10, what="the worker to be idle")
     time.sleep(0.3)
     assert w.stats()["images_generated"] == before["images_generated"], "the dropped request was rendered"
 

@@ -63,10 +63,12 @@ def test_idle_streams_cost_the_event_loop_nothing(stream_worker):
 @pytest.mark.timeout(600)
 def test_idle_streams_do_not_slow_a_render(stream_worker):
     raise_open_file_limit()
-    rows = asyncio.run(measure(stream_worker.url, [0, STREAMS], runs=5, body=MEASURED, window_s=1.5))
+    rows = asyncio.run(measure(stream_worker.url, [0, STREAMS], runs=5, body=MEASURED, window_s=3))
     base, loaded = rows
-    # the fastest of 5 runs per level: other load on a shared machine only ever adds time
-    assert loaded["s_per_step_min"] <= base["s_per_step_min"] * 1.15, rows
+    # each run against the baseline run seconds before it, the median of 5 such pairs: 100 ms polling by 400
+    # streams cost +33 %. (The fastest run per level was compared before: on a loaded machine one level's
+    # lucky quiet moment made a 34 % "slowdown" of runs whose medians were 6 % apart.)
+    assert loaded["slowdown_paired_pct"] <= 15, rows
     # the API answers while they are open
     assert loaded["get_p50_ms"] < 250, rows
 

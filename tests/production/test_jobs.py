@@ -143,7 +143,8 @@ def test_event_stream_follows_a_job_from_queue_to_done(idle_worker):
     reader.start()
     wait_until(lambda: any(line.startswith("event: queued") for line in lines), 10, what="the first event")
     w.client.delete(f"/jobs/{ahead}")      # watched moves from position 2 to 1
-    time.sleep(0.3)
+    wait_until(lambda: any(name == "queued" and data["position"] == 1 for name, data in sse_events(list(lines[1:]))),
+               10, what="the stream to tell position 1")
     w.client.delete(f"/jobs/{blocker}")    # watched starts
     reader.join(60)
     assert not reader.is_alive(), "the stream did not end after the job finished"

@@ -259,8 +259,16 @@ def test_kill_9_under_load_fails_only_the_victims_requests_and_it_comes_back(clu
         # until it is reaped, its sockets still take what nginx sends. "After the kill" starts when it is gone.
         wait_until(lambda: unit.exited_at, 10, what="the killed worker to be reaped")
         dead = unit.exited_at[0]
+        # nginx learns of the death when it reads the victim's closed connections, and answers what the victim
+        # held with 502 then. On a starved machine that can come after the reap: a POST that reached nginx in
+        # between went down a kept-alive connection to the victim (and nginx never sends a POST twice), so it
+        # was the victim's too. "After the kill" starts when nginx knew: the last of those 502s.
+        def noticed() -> float:
+            return max([dead] + [r["done"] for r in load.results + slow.results
+                                 if r["status"] != 200 and r["sent"] < dead])
+
         # load goes on against the two others (the victim is restarting) until plenty was sent since
-        wait_until(lambda: sum(r["sent"] > dead for r in load.results) >= 12, 90, 0.1,
+        wait_until(lambda: sum(r["sent"] > noticed() for r in load.results) >= 12, 90, 0.1,
                    "requests sent after the kill to be answered")
     finally:
         load.stop()
@@ -269,15 +277,18 @@ def test_kill_9_under_load_fails_only_the_victims_requests_and_it_comes_back(clu
 
     results = load.results + slow.results
     failed = [r for r in results if r["status"] != 200]
-    after_kill = [r for r in results if r["sent"] > dead]
+    known = noticed()
+    after_kill = [r for r in results if r["sent"] > known]
     assert failed, "nothing was in flight on the victim: the test proved nothing"
     assert after_kill and all(r["status"] == 200 for r in after_kill), \
         f"requests sent after the victim was gone failed (reaped at {dead:.3f}): " \
         f"{[r for r in after_kill if r['status'] != 200][:3]}\n{c.log_tails()}"
     for r in failed:
-        assert r["sent"] < dead, f"a request failed that the victim did not hold: {r}"
+        assert r["sent"] < known, f"a request failed that the victim did not hold: {r}"
         assert r["status"] == 502 and r["ctype"].startswith("application/json") and '"bad_gateway"' in r["body"], r
-        assert r["done"] - killed < 3, f"an in-flight request waited {r['done'] - killed:.1f} s for its error"
+        # from the moment the victim is gone: tearing a process down is the kernel's time (seconds on a busy
+        # machine), the wait after it is nginx's (this also bounds `known` to 3 s after the reap)
+        assert r["done"] - dead < 3, f"an in-flight request waited {r['done'] - dead:.1f} s for its error"
     # what the victim held a moment before the kill, plus at most one request per load client since
     assert len(failed) <= held["queued"] + held["running"] + 4, (held, failed)
     print(f"kill -9: {len(failed)} of {len(results)} requests failed (victim held {held['running']} running, "

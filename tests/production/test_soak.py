@@ -76,10 +76,12 @@ def one_generation(i: int, client: httpx.Client, tally: Tally) -> None:
         tally.record("/jobs", resp, (202,))
         if resp.status_code == 202:
             url = resp.json()["status_url"]
-            for _ in range(200):
+            deadline = time.monotonic() + 60  # as long as a sync request may take (the clients' timeout)
+            while True:
                 view = client.get(url)
                 tally.record("/jobs/{id}", view, (200,))
-                if view.status_code != 200 or view.json()["status"] not in ("queued", "running"):
+                if view.status_code != 200 or view.json()["status"] not in ("queued", "running") \
+                        or time.monotonic() > deadline:
                     break
                 time.sleep(0.05)
             if view.status_code == 200 and view.json()["status"] != "succeeded":
