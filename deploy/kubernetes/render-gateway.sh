@@ -11,7 +11,7 @@
 # fleet configs (--workers-file, --listen 8080, the cluster DNS as --resolver so pod names are re-resolved,
 # pid and temp files in /tmp). The result replaces the overlay's nginx.conf (or the base's gateway/nginx.conf
 # for overlays without one); commit it, and `kubectl apply -k` rolls the gateway (the ConfigMap's name carries
-# a hash of its content). It also copies web/ui/ and web/dashboard/ to gateway/web/ (the pages' ConfigMaps).
+# a hash of its content).
 # FLUX_RATE_LIMIT=10r/s adds the per-address rate limit (API keys never go into a ConfigMap); RESOLVER
 # overrides the cluster DNS name.
 set -euo pipefail
@@ -49,16 +49,6 @@ if [[ -z "$kubectl" ]]; then
     if [[ -x "$root/.venv/bin/kubectl" ]]; then kubectl="$root/.venv/bin/kubectl"; else kubectl=kubectl; fi
 fi
 
-# The pages the config serves (/ui/, /dashboard/): kustomize reads files below the kustomization only, so the
-# gateway's ConfigMaps of them are made from copies kept next to it (gateway/kustomization.yaml lists them).
-# Before kustomize, which reads them. Not with --print or --workers: those replace nothing.
-if ((!workers_only && !print_only)); then
-    for page in ui dashboard; do
-        rm -rf "$here/gateway/web/$page"
-        mkdir -p "$here/gateway/web/$page"
-        cp "$root/web/$page/"* "$here/gateway/web/$page/"
-    done
-fi
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 ns_args=()
