@@ -151,10 +151,8 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
             err.status, err.code = exc.status_code, "method_not_allowed" if exc.status_code == 405 else "http_error"
         return await api_error(request, err)
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return await api_error(request, ApiError("internal error; see the worker log for this request id"))
+    # Any other exception is answered by RequestContext (api/middleware.py): a handler here would run in Starlette's
+    # outermost middleware, which re-raises after answering and so resets the kept-alive connection.
 
     app.include_router(routes.router)
     app.include_router(jobs.router)
