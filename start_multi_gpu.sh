@@ -574,17 +574,12 @@ cmd_start() {
 # shipped file (nginx.conf: 8 fp4 workers, nginx_mixed.conf: 4 fp4 + 4 bf16) is not used unless the file is
 # given with -c. Says so when a shipped file is no longer what the renderer makes for it.
 warn_edited_shipped_confs() {
-    local conf modes i rendered
-    local -a args
-    for conf in nginx.conf nginx_mixed.conf; do
+    local conf py
+    py="$(renderer_python 2>/dev/null)" || return 0
+    while IFS= read -r conf; do
         [[ -f "$FLUX_PROJECT_DIR/$conf" ]] || continue
-        if [[ "$conf" == nginx.conf ]]; then modes=(fp4 fp4 fp4 fp4 fp4 fp4 fp4 fp4); else modes=(fp4 fp4 fp4 fp4 bf16 bf16 bf16 bf16); fi
-        args=(--listen 80 --max-body 1m --read-timeout 600s --burst 20 --lora-affinity on)
-        for ((i = 0; i < 8; i++)); do args+=(--worker "$((8000 + i)):${modes[$i]}"); done
-        rendered="$(render_nginx "${args[@]}" 2>/dev/null)" || return 0
-        [[ "$rendered" == "$(cat "$FLUX_PROJECT_DIR/$conf")" ]] && continue
         warn "$conf was edited, but start renders its own nginx config for the workers it starts (NUM_GPUS, BASE_PORT, -m): to run your edit, start with -c $conf"
-    done
+    done < <("$py" "$RENDERER" shipped "$FLUX_PROJECT_DIR" 2>/dev/null)
 }
 
 # --workers-only: the workers are reached from the gateway at FLUX_HOST, and their ids name it.

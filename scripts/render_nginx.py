@@ -27,6 +27,8 @@ As a program (start_multi_gpu.sh):
     --pid / --temp-dir   where the pid file and temp folders go (a read-only prefix: /tmp in a container)
     --lora-affinity      on (default): a request naming LoRA adapters goes to the worker its first adapter hashes
                          to, among the pool's bf16/fp8 workers (fp4 refuses adapters); off: least_conn for all
+    render_nginx.py shipped [--write] DIR  # names the shipped nginx.conf / nginx_mixed.conf in DIR that differ
+                                         # from their render (--write: renders them again)
     render_nginx.py listen-port FILE     # prints the ports of FILE's `listen`s, includes read (for -c checks)
     render_nginx.py json-get KEY...      # reads JSON on stdin, prints each KEY's value on its own line
                                          # (a dotted KEY such as progress.phase reads into objects)
@@ -254,6 +256,16 @@ def workers_document(workers: list[Worker], nginx_port: int) -> dict:
     return {"workers": [w.as_dict() for w in workers], "nginx_port": int(nginx_port)}
 
 
+# The configs at the repository's top: the renderer's defaults for 8 GPUs on ports 8000-8007 (paths relative to
+# nginx's prefix, images proxied to the workers, no API keys). A test checks the files are this; `start` warns
+# when one was edited (it renders its own config, so the edit would be silently unused without -c).
+SHIPPED = {"nginx.conf": ("fp4",) * 8, "nginx_mixed.conf": ("fp4",) * 4 + ("bf16",) * 4}
+
+
+def shipped_config(name: str) -> str:
+    return render([Worker("127.0.0.1", 8000 + i, p) for i, p in enumerate(SHIPPED[name])], Options())
+
+
 def public_workers_document(workers: list[Worker]) -> dict:
     """What /dashboard/workers.json tells anyone: ids and precisions, all the dashboard polls by (through
     /workers/<id>/...). Addresses and ports of the workers stay out of it."""
@@ -402,6 +414,20 @@ def _json_get(keys: list[str]) -> int:
 def main(argv: list[str]) -> int:
     if argv[:1] == ["json-get"]:
         return _json_get(argv[1:])
+    if argv[:1] == ["shipped"]:
+        # shipped [--write] DIR: print the shipped configs in DIR that are not the renderer's (edited or stale);
+        # with --write, render them again instead
+        write = argv[1:2] == ["--write"]
+        if len(argv) != 2 + write:
+            print("usage: render_nginx.py shipped [--write] DIR", file=sys.stderr)
+            return 2
+        for name in SHIPPED:
+            path, text = Path(argv[-1]) / name, shipped_config(name)
+            if write:
+                path.write_text(text)
+            elif not path.is_file() or path.read_text(errors="replace") != text:
+                print(name)
+        return 0
     if argv[:1] == ["listen-port"]:
         if len(argv) != 2:
             print("usage: render_nginx.py listen-port FILE", file=sys.stderr)

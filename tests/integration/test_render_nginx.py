@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from scripts.render_nginx import (Options, RenderError, Worker, conf_listen_ports, key_id, parse_worker, render,
-                                  workers_document, write_outputs)
+                                  shipped_config, workers_document, write_outputs)
 from tests.integration.nginx_proc import EchoUpstream, Nginx, raw_request, split_response, world_readable_tmp
 from tests.ports import free_port
 
@@ -32,6 +32,7 @@ def _eight(modes: list[str]) -> list[Worker]:
                                               ("nginx_mixed.conf", ["fp4"] * 4 + ["bf16"] * 4)])
 def test_shipped_configs_are_the_renderers_defaults(conf, modes):
     assert render(_eight(modes), Options()) == (ROOT / conf).read_text()
+    assert shipped_config(conf) == (ROOT / conf).read_text()  # what `start` compares an edited file with
 
 
 def test_cli_renders_the_same_as_the_module():

@@ -147,6 +147,9 @@ def test_an_edit_of_the_shipped_nginx_conf_is_not_silently_ignored(tmp_path):
         return proc.stderr
 
     assert "was edited" not in start()
+    env["FLUX_API_KEYS"] = "a-key-of-this-deployment"  # keys go into start's config, never into the shipped ones
+    assert "was edited" not in start()
+    del env["FLUX_API_KEYS"]
     conf = project / "nginx.conf"
     conf.write_text(re.sub(r"(?m)^\s*server 127\.0\.0\.1:800[4-7] .*\n", "", conf.read_text()))  # the guide's edit
     said = start()
