@@ -193,7 +193,8 @@ def check_gateway(hosts: list[Host], source: str, addr: str, port: int) -> None:
     """A worker listed at the gateway's own address and port would have nginx send requests to itself, round
     and round until the connection limit answers 429 (found before nginx starts, not by the users). Workers
     named by a DNS name are not resolved here."""
-    wildcard = addr.strip("[]") in ("", "0.0.0.0", "::")
+    bare = addr.strip("[]")
+    wildcard = bare in ("", "0.0.0.0", "::")
     for h in hosts:
         for w in h.workers:
             if w.port != port:
@@ -202,7 +203,8 @@ def check_gateway(hosts: list[Host], source: str, addr: str, port: int) -> None:
                 ip = ipaddress.ip_address("127.0.0.1" if w.host.lower() == "localhost" else w.host)
             except ValueError:
                 continue
-            if wildcard and ip.is_loopback or (_local_address(ip) if wildcard else ip.compressed == addr.strip("[]")):
+            # listening on every address, the gateway is every address this machine holds (loopback included)
+            if _local_address(ip) if wildcard else ip.compressed == bare:
                 raise FleetError(f"{source} line {h.line}: worker {w.address} is the gateway itself (it listens on "
                                  f"{addr or 'every address'} port {port}): nginx would send requests to itself; "
                                  "give the gateway another NGINX_PORT")

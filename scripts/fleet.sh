@@ -113,9 +113,8 @@ cmd_gateway_stop() {
 cmd_gateway_restart() {
     local pid port saved
     load_gateway_paths
-    python3 "$FLEET_PY" check -f "$FLEET_FILE" >/dev/null || fatal "the inventory has an error (above); the gateway keeps running as it was"
     if ! pid="$(live_pid "$(nginx_pidfile)" "$(nginx_marker)")"; then
-        cmd_gateway
+        cmd_gateway   # checks the inventory itself
         return
     fi
     port="$(record_get "$(nginx_record)" PORT || true)"
